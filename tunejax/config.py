@@ -79,6 +79,7 @@ def build(cls: type[T], section: Mapping | None, prefix: str) -> T:
   Nested dataclass fields are built recursively.
   """
   section = to_dict(section or {})
+  dot = lambda k: f"{prefix}.{k}" if prefix else k
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   kwargs = {}
@@ -86,16 +87,16 @@ def build(cls: type[T], section: Mapping | None, prefix: str) -> T:
     if key not in fields:
       close = difflib.get_close_matches(key, list(fields), n=1)
       hint = f" (did you mean '{close[0]}'?)" if close else ""
-      raise errors.ConfigError(f"config.{prefix}.{key}: unknown key{hint}")
+      raise errors.ConfigError(f"config.{dot(key)}: unknown key{hint}")
     tp = hints[key]
     if dataclasses.is_dataclass(tp):
-      kwargs[key] = build(tp, value, f"{prefix}.{key}")
+      kwargs[key] = build(tp, value, dot(key))
     else:
-      kwargs[key] = _check_type(f"{prefix}.{key}", value, tp)
+      kwargs[key] = _check_type(dot(key), value, tp)
   try:
     obj = cls(**kwargs)
   except (TypeError, ValueError) as e:
-    raise errors.ConfigError(f"config.{prefix}: {e}") from None
+    raise errors.ConfigError(f"config.{prefix or '<root>'}: {e}") from None
   if hasattr(obj, "validate"):
     obj.validate()
   return obj

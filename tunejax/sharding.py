@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tunejax import errors
@@ -57,10 +58,14 @@ def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
   """A `('data','fsdp','tensor')` mesh (Auto axis types) over `devices`."""
-  devices = jax.devices() if devices is None else devices
+  devices = list(jax.devices() if devices is None else devices)
+  fixed = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  if -1 not in fixed and math.prod(fixed) < len(devices):
+    # An explicit smaller mesh uses the first devices (e.g. 1-device runs).
+    devices = devices[:math.prod(fixed)]
   shape = mesh_shape(sizes, len(devices))
   try:
-    dev = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    dev = mesh_utils.create_device_mesh(shape, devices)
   except (AssertionError, ValueError, NotImplementedError):
     dev = np.asarray(devices).reshape(shape)
   return Mesh(dev, MESH_AXES)

@@ -30,9 +30,15 @@ def path_name(path) -> str:
   return "/".join(_key_str(k) for k in path)
 
 
-def flatten(tree: PyTree) -> dict[str, Any]:
+def is_axes(x) -> bool:
+  """Leaf test for trees of logical-axis-name tuples."""
+  return isinstance(x, tuple) and all(n is None or isinstance(n, str)
+                                      for n in x)
+
+
+def flatten(tree: PyTree, is_leaf=None) -> dict[str, Any]:
   """{name: leaf} in tree order."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
   return {path_name(p): x for p, x in leaves}
 
 
@@ -102,19 +108,20 @@ def select(tree: PyTree, patterns: Iterable[str]) -> dict[str, Any]:
           if any(p.fullmatch(n) for p in pats)}
 
 
-def split(tree: PyTree, is_first: Callable[[str], bool]) -> tuple[dict, dict]:
+def split(tree: PyTree, is_first: Callable[[str], bool], is_leaf=None
+          ) -> tuple[dict, dict]:
   """Split a nested dict into two nested dicts by a predicate on names."""
-  flat = flatten(tree)
+  flat = flatten(tree, is_leaf)
   a = {n: x for n, x in flat.items() if is_first(n)}
   b = {n: x for n, x in flat.items() if not is_first(n)}
   return unflatten(a), unflatten(b)
 
 
-def merge(*trees: dict) -> dict:
+def merge(*trees: dict, is_leaf=None) -> dict:
   """Union of nested dicts with disjoint leaves (inverse of `split`)."""
   flat: dict[str, Any] = {}
   for t in trees:
-    for n, x in flatten(t).items():
+    for n, x in flatten(t, is_leaf).items():
       if n in flat:
         raise ValueError(f"merge: parameter '{n}' appears twice")
       flat[n] = x

@@ -1,0 +1,142 @@
+"""token_stats values and gradients vs a float64 torch full-logits reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from tunejax import errors
+from tunejax import kernels
+
+# Ragged on purpose: N is not a multiple of block_n, V not of block_v, so the
+# padded token block and the overlapping last vocabulary chunk are exercised.
+N, D, V = 45, 24, 333
+BLOCKS = dict(block_n=16, block_v=128)
+IGNORE = -100
+
+
+def _inputs(seed, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  h = rng.normal(size=(N, D))
+  w = rng.normal(size=(D, V)) * 0.6
+  y = rng.integers(0, V, N)
+  y[[2, 7, 30]] = IGNORE
+  cts = rng.normal(size=(4, N))
+  return (jnp.asarray(h, dtype), jnp.asarray(w, dtype), jnp.asarray(y),
+          jnp.asarray(cts, jnp.float32))
+
+
+def torch_stats(h, w, y, softcap=None, temperature=1.0):
+  """float64 reference: (logp, lse, entropy, smooth) as torch tensors."""
+  s = h @ w
+  if softcap is not None:
+    s = softcap * torch.tanh(s / softcap)
+  s = s / temperature
+  logp_all = torch.log_softmax(s, dim=-1)
+  valid = y != IGNORE
+  tgt = torch.gather(logp_all, 1, torch.where(valid, y, 0)[:, None])[:, 0]
+  logp = torch.where(valid, tgt, torch.zeros_like(tgt))
+  entropy = -(logp_all.exp() * logp_all).sum(-1)
+  return logp, torch.logsumexp(s, -1), entropy, logp_all.mean(-1)
+
+
+def torch_value_and_grads(h, w, y, cts, **kw):
+  """Reference stats and d(sum_k cts[k] . stat_k)/d(h, w) in float64."""
+  th = torch.tensor(np.asarray(h, np.float64), requires_grad=True)
+  tw = torch.tensor(np.asarray(w, np.float64), requires_grad=True)
+  stats = torch_stats(th, tw, torch.tensor(np.asarray(y)), **kw)
+  tc = torch.tensor(np.asarray(cts, np.float64))
+  sum(torch.sum(c * s) for c, s in zip(tc, stats)).backward()
+  return ([s.detach().numpy() for s in stats], th.grad.numpy(),
+          tw.grad.numpy())
+
+
+def jax_value_and_grads(h, w, y, cts, impl, **kw):
+  def objective(h, w):
+    out = kernels.token_stats(h, w, y, ignore_index=IGNORE, want_entropy=True,
+                              label_smoothing=0.1, impl=impl, **kw)
+    return sum(jnp.sum(c * s) for c, s in zip(cts, out)), out
+
+  grads, out = jax.grad(objective, argnums=(0, 1), has_aux=True)(h, w)
+  return [np.asarray(s) for s in out], np.asarray(grads[0]), np.asarray(
+      grads[1])
+
+
+def _assert_close(got, want, rtol, atol, what):
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol,
+                             atol=atol, err_msg=what)
+
+
+@pytest.mark.parametrize("impl", ["xla", "naive"])
+@pytest.mark.parametrize("scaling", [
+    {}, {"softcap": 4.0}, {"temperature": 0.7},
+    {"softcap": 2.5, "temperature": 1.3}])
+def test_values_and_grads_match_float64_reference(impl, scaling):
+  h, w, y, cts = _inputs(0)
+  stats, dh, dw = jax_value_and_grads(h, w, y, cts, impl, **BLOCKS, **scaling)
+  ref_stats, ref_dh, ref_dw = torch_value_and_grads(h, w, y, cts, **scaling)
+  for name, got, want in zip(kernels.TokenStats._fields, stats, ref_stats):
+    _assert_close(got, want, 1e-5, 1e-5, name)  # measured <= 2e-6
+  assert np.all(stats[0][[2, 7, 30]] == 0.0)
+  _assert_close(dh, ref_dh, 1e-5, 1e-5, "dh")
+  _assert_close(dw, ref_dw, 1e-5, 1e-5, "dw")
+
+
+def test_optional_outputs_are_none_unless_requested():
+  h, w, y, _ = _inputs(1)
+  out = kernels.token_stats(h, w, y, impl="xla")
+  assert out.entropy is None and out.smooth is None
+  assert out.logp.shape == out.lse.shape == (N,)
+  assert out.logp.dtype == out.lse.dtype == jnp.float32
+
+
+def test_cross_entropy_with_label_smoothing_and_z_loss_matches_torch():
+  """The trainer's SFT loss assembled from the op equals torch's CE."""
+  h, w, y, _ = _inputs(2)
+  eps, z_coef = 0.1, 1e-3
+
+  def loss(h, w):
+    st = kernels.token_stats(h, w, y, ignore_index=IGNORE, label_smoothing=eps,
+                             impl="xla", **BLOCKS)
+    valid = y != IGNORE
+    per_tok = -(1 - eps) * st.logp - eps * st.smooth + z_coef * st.lse**2
+    return jnp.sum(jnp.where(valid, per_tok, 0.0)) / jnp.sum(valid)
+
+  val, (dh, dw) = jax.value_and_grad(loss, argnums=(0, 1))(h, w)
+  th = torch.tensor(np.asarray(h, np.float64), requires_grad=True)
+  tw = torch.tensor(np.asarray(w, np.float64), requires_grad=True)
+  ty = torch.tensor(np.asarray(y, np.int64))
+  logits = th @ tw
+  ce = torch.nn.functional.cross_entropy(logits, ty, ignore_index=IGNORE,
+                                         label_smoothing=eps)
+  valid = ty != IGNORE
+  z = (torch.logsumexp(logits, -1)[valid] ** 2).mean()
+  ref = ce + z_coef * z
+  ref.backward()
+  _assert_close(val, ref.item(), 1e-6, 1e-6, "loss")
+  _assert_close(dh, th.grad.numpy(), 1e-5, 1e-6, "dh")
+  _assert_close(dw, tw.grad.numpy(), 1e-5, 1e-6, "dw")
+
+
+def test_bf16_inputs_accumulate_in_float32():
+  h, w, y, cts = _inputs(3, jnp.bfloat16)
+  stats, dh, dw = jax_value_and_grads(h, w, y, cts, "xla", softcap=4.0,
+                                      **BLOCKS)
+  # The reference sees the same bf16-rounded inputs, in float64.
+  ref_stats, ref_dh, ref_dw = torch_value_and_grads(h, w, y, cts, softcap=4.0)
+  assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+  for name, got, want in zip(kernels.TokenStats._fields, stats, ref_stats):
+    _assert_close(got, want, 1e-5, 2e-5, name)  # f32 accumulation
+  # Gradients pass through one bf16 rounding (tile cast + output cast).
+  scale_h, scale_w = np.abs(ref_dh).max(), np.abs(ref_dw).max()
+  _assert_close(dh, ref_dh, 0, 1e-2 * scale_h, "dh")
+  _assert_close(dw, ref_dw, 0, 1e-2 * scale_w, "dw")
+
+
+def test_jit_and_bad_impl():
+  h, w, y, _ = _inputs(4)
+  f = jax.jit(lambda h, w: kernels.token_stats(h, w, y, impl="xla").logp)
+  np.testing.assert_allclose(
+      f(h, w), kernels.token_stats(h, w, y, impl="naive").logp, atol=1e-5)
+  with pytest.raises(errors.ConfigError, match="impl='cuda'"):
+    kernels.token_stats(h, w, y, impl="cuda")

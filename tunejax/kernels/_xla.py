@@ -1,0 +1,157 @@
+"""Chunked XLA drivers: loops over (token, vocabulary) tiles of h @ w.
+
+Any backend. A tile is `[block_n, block_v]` float32, so memory is
+O(block_n * block_v + N * D) however large the vocabulary is.
+
+The vocabulary is never padded (padding w would copy the whole unembedding):
+the last vocabulary chunk starts at `V - block_v` instead and masks the
+columns an earlier chunk already covered. Tokens are padded (h is small).
+
+Each driver takes `pairs`, a tuple of (h_NxD, w_DxV) whose tiles are computed
+together (one pair for token_stats, policy + reference for token_kl), and
+`rows`, a tuple of per-token `[N, k]` arrays sliced alongside the tokens.
+"""
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from tunejax.kernels import _tiles
+
+
+def plan(n, v, block_n, block_v):
+  """Effective block sizes and chunk counts for N tokens, V columns."""
+  block_v = min(block_v, v)
+  block_n = min(block_n, -(-n // 8) * 8)
+  return block_n, block_v, -(-n // block_n), -(-v // block_v)
+
+
+def _pad_rows(x, n_pad, value=0):
+  if x.shape[0] == n_pad:
+    return x
+  widths = [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _vocab_chunk(j, v, block_v):
+  """Start column of chunk j and the first column it owns (overlap trick)."""
+  own = j * block_v
+  return jnp.minimum(own, v - block_v), own
+
+
+def _hide_dtype(w):
+  """Loop-carried view of w that XLA cannot upcast as a whole.
+
+  XLA:CPU has no bf16 matmul; it upcasts dot operands to f32 and then moves
+  that convert out of the loop, i.e. makes a full f32 copy of the
+  unembedding. Carrying the raw 16-bit pattern (restored per chunk in
+  `_w_chunk`) keeps the upcast at chunk size.
+  """
+  if w.dtype.itemsize != 2:
+    return w
+  return jax.lax.bitcast_convert_type(w, jnp.uint16), w.dtype
+
+
+def _w_chunk(w, v0, block_v):
+  w, dtype = w if isinstance(w, tuple) else (w, None)
+  w_c = jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=1)
+  return w_c if dtype is None else jax.lax.bitcast_convert_type(w_c, dtype)
+
+
+def _tiles_at(ws, hs, v0, block_v):
+  return tuple(_tiles.matmul(h, _w_chunk(w, v0, block_v))
+               for h, w in zip(hs, ws))
+
+
+def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
+            finish: Callable, *, block_n: int, block_v: int):
+  """Streams over vocabulary chunks for each token block.
+
+  Args:
+    pairs: tuple of (h_NxD, w_DxV).
+    rows: per-token arrays `[N, k]` (padded rows get -1 / 0).
+    init: rows_in_block -> carry.
+    fold: (carry, z_tiles, cols, col_ok, row_blocks) -> carry.
+    finish: (carry, row_blocks) -> tuple of `[T, k]` outputs.
+    block_n, block_v: tile sizes.
+
+  Returns:
+    finish's outputs concatenated over token blocks, cut to N rows.
+  """
+  n, v = pairs[0][0].shape[0], pairs[0][1].shape[1]
+  bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
+  hs = tuple(_pad_rows(h, n_blocks * bn).reshape(n_blocks, bn, -1)
+             for h, _ in pairs)
+  rs = tuple(_pad_rows(r, n_blocks * bn, -1).reshape(n_blocks, bn, -1)
+             for r in rows)
+  ws = tuple(_hide_dtype(w) for _, w in pairs)
+
+  def token_block(args):
+    h_blocks, r_blocks = args
+
+    def body(j, carry):
+      v0, own = _vocab_chunk(j, v, bv)
+      z = _tiles_at(ws, h_blocks, v0, bv)
+      cols = _tiles.col_ids((1, bv), v0)
+      return fold(carry, z, cols, cols >= own, r_blocks)
+
+    carry = jax.lax.fori_loop(0, v_blocks, body, init(bn))
+    return finish(carry, r_blocks)
+
+  outs = jax.lax.map(token_block, (hs, rs))
+  return tuple(o.reshape(n_blocks * bn, *o.shape[2:])[:n] for o in outs)
+
+
+def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
+             block_n: int, block_v: int):
+  """Recomputes logit tiles and accumulates (dh, dw) of the first pair.
+
+  Args:
+    pairs: tuple of (h_NxD, w_DxV); gradients flow to pairs[0] only.
+    rows: per-token arrays `[N, k]`.
+    grad: (z_tiles, cols, ok, row_blocks) -> dL/dz tile of pairs[0]
+      (float32, 0 outside `ok`, the mask of real token rows).
+    block_n, block_v: tile sizes.
+
+  Returns:
+    (dh_NxD, dw_DxV) in the dtypes of pairs[0].
+  """
+  h, w = pairs[0]
+  n, v = h.shape[0], w.shape[1]
+  bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
+  n_pad = n_blocks * bn
+  hs = tuple(_pad_rows(x, n_pad) for x, _ in pairs)
+  rs = tuple(_pad_rows(r, n_pad, -1) for r in rows)
+  row_ids = jnp.arange(n_pad, dtype=jnp.int32)[:, None]
+  ws = tuple(_hide_dtype(w) for _, w in pairs)
+
+  def vocab_chunk(j, carry):
+    dh, dw = carry
+    v0, own = _vocab_chunk(j, v, bv)
+    w_c = _w_chunk(ws[0], v0, bv)
+    cols = _tiles.col_ids((1, bv), v0)
+
+    def token_block(i, inner):
+      dh, dw_c = inner
+      t0 = i * bn
+      take = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, bn, axis=0)
+      h_b = tuple(take(x) for x in hs)
+      z = _tiles_at(ws, h_b, v0, bv)
+      g = grad(z, cols, take(row_ids) < n, tuple(take(r) for r in rs))
+      # A chunk sums over all tokens, so its dw columns are complete even
+      # where it overlaps the previous chunk (rewritten with equal values);
+      # dh must count those overlap columns only once.
+      g_own = jnp.where(cols >= own, g, 0.0)
+      dh_b = take(dh) + _tiles.matmul_nt(g_own, w_c)
+      dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_b, t0, axis=0)
+      return dh, dw_c + _tiles.matmul_tn(h_b[0], g)
+
+    dw_c = jnp.zeros(w_c.shape, jnp.float32)
+    dh, dw_c = jax.lax.fori_loop(0, n_blocks, token_block, (dh, dw_c))
+    return dh, jax.lax.dynamic_update_slice_in_dim(
+        dw, dw_c.astype(dw.dtype), v0, axis=1)
+
+  dh0 = jnp.zeros((n_pad, h.shape[1]), jnp.float32)
+  dw0 = jnp.zeros(w.shape, w.dtype)
+  dh, dw = jax.lax.fori_loop(0, v_blocks, vocab_chunk, (dh0, dw0))
+  return dh[:n].astype(h.dtype), dw

@@ -1,0 +1,190 @@
+"""The fused token-loss op: per-token log-prob, logsumexp, entropy, smoothing.
+
+`token_stats(h_NxD, w_DxV, targets_N)` computes what every token-level loss
+needs from the unembedding without ever holding `[N, V]` logits: the forward
+streams over vocabulary tiles keeping per-token running statistics; the
+backward (a `jax.custom_vjp`) recomputes each logit tile from the saved
+logsumexp and turns arbitrary per-token cotangents (SFT masks, DPO weights,
+RL advantages) into dh and dw.
+
+Equivalent JAX code::
+
+  s = softcap * tanh(h @ w / softcap) / temperature     # [N, V] float32
+  lse = logsumexp(s, -1)
+  logp = where(targets == ignore_index, 0, s[targets] - lse)
+  entropy = -sum(softmax(s) * log_softmax(s), -1)
+  smooth = mean(log_softmax(s), -1)
+
+z-loss is `lse ** 2` and label smoothing `-(1 - eps) * logp - eps * smooth`,
+both formed by the caller and differentiable through this op.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tunejax import errors
+from tunejax.kernels import _reference
+from tunejax.kernels import _tiles
+from tunejax.kernels import _xla
+
+IMPLS = ("auto", "naive", "xla", "pallas", "pallas_tpu", "pallas_gpu")
+
+
+class TokenStats(NamedTuple):
+  """Per-token float32 statistics; optional fields are None unless asked."""
+  logp: jax.Array
+  lse: jax.Array
+  entropy: jax.Array | None = None
+  smooth: jax.Array | None = None
+
+
+class Config(NamedTuple):
+  """Static (hashable) options of one op instance."""
+  scaling: _tiles.Scaling
+  want_entropy: bool
+  want_smooth: bool
+  impl: str
+  block_n: int
+  block_v: int
+  interpret: bool
+
+
+# Default tiles per implementation: (block_n, block_v). XLA tiles are large
+# (fewer loop trips, 8 MiB f32); Pallas TPU tiles fit VMEM with double
+# buffering for D up to ~4k; Triton tiles are register-sized.
+BLOCKS = {"xla": (1024, 2048), "pallas_tpu": (256, 512),
+          "pallas_gpu": (64, 128)}
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps 'auto' / 'pallas' to a concrete implementation for this backend."""
+  if impl not in IMPLS:
+    raise errors.ConfigError(f"token_stats impl={impl!r}: expected one of "
+                             f"{IMPLS}")
+  backend = jax.default_backend()
+  if impl == "auto":
+    impl = "xla" if backend == "cpu" else "pallas"
+  if impl == "pallas":
+    impl = "pallas_gpu" if backend in ("gpu", "cuda", "rocm") else "pallas_tpu"
+  return impl
+
+
+def make_config(impl="auto", *, softcap=None, temperature=1.0,
+                want_entropy=False, want_smooth=False, block_n=None,
+                block_v=None, interpret=None) -> Config:
+  impl = resolve_impl(impl)
+  default_n, default_v = BLOCKS.get(impl, BLOCKS["xla"])
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  return Config(
+      _tiles.Scaling(None if softcap is None else float(softcap),
+                     float(temperature)),
+      bool(want_entropy), bool(want_smooth), impl, block_n or default_n,
+      block_v or default_v, bool(interpret))
+
+
+def token_stats(h_NxD, w_DxV, targets_N, *, softcap=None, temperature=1.0,
+                ignore_index=-1, want_entropy=False, label_smoothing=0.0,
+                impl="auto", block_v=None, block_n=None,
+                interpret=None) -> TokenStats:
+  """Per-token statistics of softmax(softcap(h @ w) / temperature).
+
+  Args:
+    h_NxD: final hidden states (any float dtype; bf16 is accumulated in f32).
+    w_DxV: unembedding.
+    targets_N: int target ids; `ignore_index` marks tokens without a target
+      (their logp is 0 and gets no gradient).
+    softcap: final-logit soft cap (Gemma 2/3), or None.
+    temperature: divides the (capped) logits.
+    ignore_index: see targets_N.
+    want_entropy: also return the entropy of each token's distribution.
+    label_smoothing: when > 0, also return `smooth` = mean log-prob over
+      the vocabulary (the caller weights it by the smoothing epsilon).
+    impl: 'auto' (Pallas on TPU/GPU, XLA on CPU), 'xla' (chunked, any
+      backend), 'pallas' (the backend's Pallas body), 'pallas_tpu',
+      'pallas_gpu', or 'naive' (materialises logits; reference/baseline).
+    block_v, block_n: tile sizes (defaults per implementation, `BLOCKS`).
+    interpret: run Pallas bodies in interpret mode (default: on CPU).
+
+  Returns:
+    TokenStats of float32 `[N]` arrays, differentiable w.r.t. h and w.
+  """
+  cfg = make_config(impl, softcap=softcap, temperature=temperature,
+                    want_entropy=want_entropy,
+                    want_smooth=label_smoothing > 0, block_n=block_n,
+                    block_v=block_v, interpret=interpret)
+  y_N = jnp.where(targets_N == ignore_index, -1, targets_N).astype(jnp.int32)
+  if cfg.impl == "naive":
+    out = _reference.token_stats(h_NxD, w_DxV, y_N, cfg.scaling)
+  else:
+    out = _op(h_NxD, w_DxV, y_N, cfg)
+  logp, lse, entropy, smooth = out
+  return TokenStats(logp, lse, entropy if cfg.want_entropy else None,
+                    smooth if cfg.want_smooth else None)
+
+
+# ----------------------------------------------------------------------------
+# custom_vjp plumbing; implementations provide forward(h, w, y, cfg) ->
+# [N, 4] (logp, lse, entropy, smooth) and backward(h, w, y, coef, cfg) ->
+# (dh, dw).
+
+
+def _xla_forward(h, w, y, cfg: Config):
+  def fold(st, z, cols, col_ok, rows):
+    s = _tiles.scale_logits(z[0], cfg.scaling)
+    return _tiles.update_stats(st, s, cols, col_ok, rows[0])
+
+  def finish(st, rows):
+    return (jnp.concatenate(
+        _tiles.finalize_stats(st, rows[0], w.shape[1]), axis=1),)
+
+  (out,) = _xla.forward(((h, w),), (y[:, None],), _tiles.init_stats, fold,
+                        finish, block_n=cfg.block_n, block_v=cfg.block_v)
+  return out
+
+
+def _xla_backward(h, w, y, coef, cfg: Config):
+  def grad(z, cols, ok, rows):
+    s = _tiles.scale_logits(z[0], cfg.scaling)
+    g = _tiles.stats_grad(s, cols, ok, rows[0], rows[1])
+    return _tiles.unscale_grad(g, s, cfg.scaling)
+
+  return _xla.backward(((h, w),), (y[:, None], coef), grad,
+                       block_n=cfg.block_n, block_v=cfg.block_v)
+
+
+def _impl(cfg: Config):
+  if cfg.impl == "xla":
+    return _xla_forward, _xla_backward
+  if cfg.impl == "pallas_tpu":
+    from tunejax.kernels import _pallas_tpu  # pylint: disable=g-import-not-at-top
+    return _pallas_tpu.forward, _pallas_tpu.backward
+  from tunejax.kernels import _pallas_gpu  # pylint: disable=g-import-not-at-top
+  return _pallas_gpu.forward, _pallas_gpu.backward
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _op(h, w, y, cfg):
+  out = _impl(cfg)[0](h, w, y, cfg)
+  return tuple(out[:, i] for i in range(4))
+
+
+def _op_fwd(h, w, y, cfg):
+  out = _op(h, w, y, cfg)
+  # Only per-token scalars are saved besides the inputs.
+  return out, (h, w, y, out[1], out[2])
+
+
+def _op_bwd(cfg, res, ct):
+  h, w, y, lse, entropy = res
+  # Outputs the caller dropped arrive as zero cotangents.
+  g_logp, g_lse, g_ent, g_smooth = ct
+  coef = _tiles.stats_coefs(g_logp, g_lse, g_ent, g_smooth, y >= 0, lse,
+                            entropy, w.shape[1])
+  dh, dw = _impl(cfg)[1](h, w, y, coef, cfg)
+  return dh, dw, None
+
+
+_op.defvjp(_op_fwd, _op_bwd)

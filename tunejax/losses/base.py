@@ -1,0 +1,43 @@
+"""Loss registry and the `Head` passed to every loss."""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+
+from tunejax import errors
+
+
+class Head(NamedTuple):
+  """What a loss needs from a model: final hidden states + unembedding."""
+  h_BxLxD: jax.Array
+  w_DxV: jax.Array
+  softcap: Optional[float] = None
+
+
+# loss(policy: Head, batch, *, ref: Head | None, **options)
+#   -> (loss_sum, denom, aux: dict of scalars)
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, Any]]]
+
+_REGISTRY: dict[str, LossFn] = {}
+
+
+def register(name: str):
+  """Decorator adding a loss under `name`; duplicate names raise."""
+  def deco(fn: LossFn) -> LossFn:
+    if name in _REGISTRY:
+      raise ValueError(f"loss '{name}' registered twice")
+    _REGISTRY[name] = fn
+    return fn
+  return deco
+
+
+def get(name: str) -> LossFn:
+  if name not in _REGISTRY:
+    raise errors.ConfigError(
+        f"config.loss.name: unknown loss '{name}' (known: {names()})")
+  return _REGISTRY[name]
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)

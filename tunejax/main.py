@@ -1,0 +1,52 @@
+"""Entry point: `python -m tunejax.main --config=configs/X.py --workdir=DIR`.
+
+Intentionally short: flags, multi-host init, config validation, dispatch.
+A `TunejaxError` is printed as one line (no traceback) with exit code 2.
+"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_COORD = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0 for multi-host runs (TPU VMs detect it).")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: processes.")
+_PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process.")
+_DIST = flags.DEFINE_bool("distributed", False,
+                          "Call jax.distributed.initialize() (auto-detect).")
+
+
+def _main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  if _COORD.value or _DIST.value:
+    # Must precede any other JAX call so every host joins one runtime.
+    jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+  # Partitionable threefry: random bits do not depend on the sharding.
+  jax.config.update("jax_threefry_partitionable", True)
+  from tunejax import errors, train  # pylint: disable=g-import-not-at-top
+  from tunejax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    if _WORKDIR.value is None:
+      raise errors.ConfigError("--workdir is required")
+    cfg = config_lib.from_configdict(_CONFIG.value)
+    train.run(cfg, _WORKDIR.value)
+  except errors.TunejaxError as e:
+    print(f"tunejax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main():
+  try:
+    app.run(_main)
+  except KeyboardInterrupt:
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  main()

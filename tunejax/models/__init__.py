@@ -1,0 +1,13 @@
+"""Decoder Transformer models: configs, forward, weights I/O, generation.
+
+Public API (DESIGN.md): `ModelConfig`, `preset`, `PRESETS`, `init`,
+`param_axes`, `hidden`, `unembedding`, `forward`, `load`, `save_hf`,
+`generate`, and the PEFT seam base class `Seam`.
+"""
+from tunejax.models.config import ModelConfig, PRESETS, preset
+from tunejax.models.generate import GenerateOutput, generate
+from tunejax.models.hf import load, save_hf
+from tunejax.models.seam import ACT_POINTS, Seam
+from tunejax.models.transformer import (
+    forward, hidden, init, logits_from_hidden, param_axes, param_specs,
+    unembedding)

@@ -1,0 +1,170 @@
+"""Batched sampling with a KV cache: one jitted prefill + `lax.while_loop`.
+
+Prompts are left-padded to a common length P; padding has segment id 0 so
+no real token attends to it, and positions restart at 0 at each prompt's
+first real token (as HF does from the attention mask). The cache has
+P + max_new_tokens slots per row; decode step t writes slot P + t. The loop
+stops early once every row has emitted an EOS id.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tunejax import errors
+from tunejax.models.config import ModelConfig
+from tunejax.models.seam import DEFAULT_SEAM, Seam
+from tunejax.models.transformer import decode, logits_from_hidden
+
+_BUCKET = 8  # Prompt lengths are padded up to a multiple (fewer compiles).
+
+
+class GenerateOutput(NamedTuple):
+  """New tokens (pad_id after EOS), their log-probs, generated lengths.
+
+  `logps_BxT` is log softmax of the model's raw logits (before temperature,
+  top-k, top-p) at the sampled token, 0 after a row stops. `lengths_B`
+  counts tokens up to and including the EOS.
+  """
+  tokens_BxT: jax.Array
+  logps_BxT: jax.Array
+  lengths_B: jax.Array
+
+
+def _sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
+            top_k: int | None, top_p: float | None) -> jax.Array:
+  """Greedy (temperature 0) or temperature / top-k / top-p sampling."""
+  if temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits = logits_BxV / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always >= 1 token).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1,
+                     keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
+              top_k: int | None, top_p: float | None, eos_ids: tuple,
+              params, adapters, tokens_BxP, lengths_B, rng):
+  b, p = tokens_BxP.shape
+  s = p + max_new
+  dtype = jnp.dtype(cfg.dtype)
+  pad_B = p - lengths_B
+  idx_P = jnp.arange(p)
+  pos_BxP = jnp.maximum(idx_P[None] - pad_B[:, None], 0).astype(jnp.int32)
+  seg_BxP = (idx_P[None] >= pad_B[:, None]).astype(jnp.int32)
+  kv_shape = (cfg.n_layers, b, s, cfg.n_kv_heads, cfg.head_dim)
+  cache = {
+      "k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
+      "pos": jnp.zeros((b, s), jnp.int32).at[:, :p].set(pos_BxP),
+      "seg": jnp.zeros((b, s), jnp.int32).at[:, :p].set(seg_BxP),
+      "slot": jnp.int32(0),
+  }
+
+  def logits_of(tokens, pos, seg, cache):
+    h, cache = decode(cfg, params, tokens, pos, seg, adapters=adapters,
+                      seam=seam, cache=cache)
+    return logits_from_hidden(cfg, params, h[:, -1], adapters=adapters,
+                              seam=seam), cache
+
+  logits, cache = logits_of(tokens_BxP, pos_BxP, seg_BxP, cache)
+  eos = jnp.asarray(eos_ids, jnp.int32)
+
+  def cond(state):
+    t, _, _, done, *_ = state
+    return (t < max_new) & ~jnp.all(done)
+
+  def body(state):
+    t, logits, cache, done, out_tok, out_logp, n_B, rng = state
+    rng, key = jax.random.split(rng)
+    tok_B = _sample(logits, key, temperature, top_k, top_p)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
+                                 tok_B[:, None], axis=-1)[:, 0]
+    tok_B = jnp.where(done, cfg.pad_id, tok_B)
+    out_tok = out_tok.at[:, t].set(tok_B)
+    out_logp = out_logp.at[:, t].set(jnp.where(done, 0.0, logp_B))
+    n_B = n_B + (~done).astype(jnp.int32)
+    done = done | jnp.isin(tok_B, eos)
+    # Feed the new token: slot p + t, position = prompt length + t.
+    pos_B = (lengths_B + t).astype(jnp.int32)
+    slot = p + t
+    cache = {
+        **cache, "slot": slot,
+        "pos": jax.lax.dynamic_update_slice(cache["pos"], pos_B[:, None],
+                                            (0, slot)),
+        "seg": jax.lax.dynamic_update_slice(
+            cache["seg"], jnp.ones((b, 1), jnp.int32), (0, slot)),
+    }
+    logits, cache = logits_of(tok_B[:, None], pos_B[:, None],
+                              jnp.ones((b, 1), jnp.int32), cache)
+    return t + 1, logits, cache, done, out_tok, out_logp, n_B, rng
+
+  state = (jnp.int32(0), logits, cache, jnp.zeros((b,), bool),
+           jnp.full((b, max_new), cfg.pad_id, jnp.int32),
+           jnp.zeros((b, max_new), jnp.float32), jnp.zeros((b,), jnp.int32),
+           rng)
+  _, _, _, _, out_tok, out_logp, n_B, _ = jax.lax.while_loop(cond, body,
+                                                              state)
+  return GenerateOutput(out_tok, out_logp, n_B)
+
+
+def _left_pad(prompts, lengths, pad_id: int):
+  """(tokens [B, P] left-padded, lengths [B]) from lists or a padded array."""
+  if lengths is None:
+    rows = [list(map(int, r)) for r in prompts]
+  else:  # Right-padded array + lengths.
+    arr = np.asarray(prompts)
+    rows = [list(arr[i, :int(n)]) for i, n in enumerate(np.asarray(lengths))]
+  if not rows or min(len(r) for r in rows) == 0:
+    raise errors.TunejaxError("generate: every prompt needs >= 1 token")
+  p = -(-max(len(r) for r in rows) // _BUCKET) * _BUCKET
+  out = np.full((len(rows), p), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    out[i, p - len(r):] = r
+  return out, np.array([len(r) for r in rows], np.int32)
+
+
+def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, rng: jax.Array | None = None, *,
+             eos_id: int | Sequence[int] | None = None, adapters=None,
+             seam: Seam | None = None, lengths=None) -> GenerateOutput:
+  """Samples `max_new_tokens` continuations of a batch of prompts.
+
+  Args:
+    cfg, params: the model.
+    prompts: a list of token-id lists, or a right-padded [B, P] array with
+      `lengths` [B].
+    max_new_tokens: number of new tokens T.
+    temperature: 0 means greedy.
+    top_k, top_p: optional truncation of the sampling distribution.
+    rng: PRNG key for sampling (default key 0).
+    eos_id: id(s) that stop a row (default `cfg.eos_id`); the EOS is kept.
+    adapters, seam: PEFT seam and adapter leaves (see `transformer.hidden`).
+    lengths: prompt lengths when `prompts` is a padded array.
+
+  Returns:
+    GenerateOutput(tokens_BxT, logps_BxT, lengths_B).
+  """
+  tokens, lens = _left_pad(prompts, lengths, cfg.pad_id)
+  if eos_id is None:
+    eos_id = cfg.eos_id
+  eos_ids = tuple(int(e) for e in np.atleast_1d(eos_id))
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(cfg, seam or DEFAULT_SEAM, int(max_new_tokens),
+                   float(temperature), top_k, top_p, eos_ids, params,
+                   adapters or {}, jnp.asarray(tokens), jnp.asarray(lens),
+                   rng)

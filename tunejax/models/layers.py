@@ -1,0 +1,106 @@
+"""Numerical building blocks of the decoder: RMSNorm, RoPE, masks, attention.
+
+Pure functions of arrays. Conventions follow Hugging Face transformers so
+that logits match to float32 rounding: RoPE uses `rotate_half` (first half /
+second half of the head dimension), softmax runs in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tunejax.models.config import ModelConfig
+
+# A finite "-inf" keeps fully masked rows (padding queries) NaN-free.
+_MASK_VALUE = -1e30
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float,
+             offset: float) -> jax.Array:
+  """RMSNorm in float32; multiplies by `offset + scale` (HF convention)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+  """RoPE inverse frequencies [K/2] (float32), with optional scaling."""
+  exps = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  freq = (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+  if scaling is None:
+    return freq
+  factor = float(scaling["factor"])
+  if scaling["rope_type"] == "linear":
+    return (freq / factor).astype(np.float32)
+  # llama3: long wavelengths divided by `factor`, short ones kept, a smooth
+  # interpolation in between.
+  old_len = float(scaling["original_max_position_embeddings"])
+  low, high = float(scaling["low_freq_factor"]), float(
+      scaling["high_freq_factor"])
+  wavelen = 2 * math.pi / freq
+  scaled = np.where(wavelen > old_len / low, freq / factor, freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions_BxL: jax.Array, freq_half: np.ndarray):
+  """(cos, sin) tables [B, L, K] for `apply_rope`."""
+  angles = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(
+      freq_half)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxLxNxK: jax.Array, cos_BxLxK: jax.Array,
+               sin_BxLxK: jax.Array) -> jax.Array:
+  """Rotary embedding, HF `rotate_half` convention, computed in float32."""
+  x = x_BxLxNxK.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos_BxLxK[:, :, None, :], sin_BxLxK[:, :, None, :]
+  return (x * cos + rotated * sin).astype(x_BxLxNxK.dtype)
+
+
+def attention_mask(q_idx_L: jax.Array, k_idx_S: jax.Array,
+                   q_pos_BxL: jax.Array, k_pos_BxS: jax.Array,
+                   q_seg_BxL: jax.Array, k_seg_BxS: jax.Array,
+                   window: int | None) -> jax.Array:
+  """[B, L, S] bool: causal (by index) AND same segment AND in window.
+
+  The window is measured on positions (q_pos - k_pos < window), as in HF, so
+  it restarts with each packed document.
+  """
+  causal = (k_idx_S[None, :] <= q_idx_L[:, None])[None]
+  same = q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
+  mask = causal & same
+  if window is not None:
+    mask &= (q_pos_BxL[:, :, None] - k_pos_BxS[:, None, :]) < window
+  return mask
+
+
+def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array,
+              v_BxSxGxK: jax.Array, mask_BxLxS: jax.Array) -> jax.Array:
+  """Grouped-query attention with float32 scores/softmax -> [B, L, H, K]."""
+  b, l, h, k = q_BxLxHxK.shape
+  g = k_BxSxGxK.shape[2]
+  q = q_BxLxHxK.reshape(b, l, g, h // g, k)
+  scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+  s = jnp.einsum("blgrk,bsgk->bgrls", q, k_BxSxGxK,
+                 preferred_element_type=jnp.float32) * (scalar ** -0.5)
+  if cfg.attn_softcap is not None:
+    s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+  s = jnp.where(mask_BxLxS[:, None, None], s, _MASK_VALUE)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
+  o = jnp.einsum("bgrls,bsgk->blgrk", p, v_BxSxGxK)
+  return o.reshape(b, l, h, k)
+
+
+def mlp_activation(name: str, x: jax.Array) -> jax.Array:
+  if name == "silu":
+    return jax.nn.silu(x)
+  return jax.nn.gelu(x, approximate=True)

@@ -1,0 +1,60 @@
+"""The one PEFT seam: every linear, embedding and hook point of the model.
+
+The model calls these methods and never knows which PEFT method is active.
+A method (LoRA, DoRA, sparse deltas, IA3, ...) subclasses `Seam` and
+overrides what it changes. Seams are frozen dataclasses so they hash and can
+be static jit arguments.
+
+`adapters` is always this module's dict of adapter leaves for the current
+layer (layer-stacked leaves already sliced), or `{}` when it has none.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Activation hook points passed to `Seam.act`.
+ACT_POINTS = ("attn/k", "attn/v", "attn/heads", "mlp/hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seam:
+  """Plain computation; PEFT methods override some of these methods."""
+
+  def linear(self, name: str, x: jax.Array, kernel: jax.Array,
+             bias: jax.Array | None, adapters: dict) -> jax.Array:
+    """`x @ kernel (+ bias)`.
+
+    Args:
+      name: module path without the layer index, e.g. 'layers/attn/q'.
+      x: [..., in] activations, already in the compute dtype.
+      kernel: [in, out] weight in the param dtype.
+      bias: [out] or None.
+      adapters: this module's adapter leaves for the current layer.
+
+    Returns:
+      [..., out] in x's dtype.
+    """
+    del name, adapters
+    y = jnp.dot(x, kernel.astype(x.dtype))
+    return y if bias is None else y + bias.astype(x.dtype)
+
+  def embed(self, tokens_BxL: jax.Array, table_VxD: jax.Array,
+            adapters: dict) -> jax.Array:
+    """Embedding lookup `table[tokens]` (before any embedding scale)."""
+    del adapters
+    return jnp.take(table_VxD, tokens_BxL, axis=0)
+
+  def act(self, name: str, x: jax.Array, adapters: dict) -> jax.Array:
+    """Identity hook at the activation points in `ACT_POINTS`.
+
+    Shapes: 'attn/k', 'attn/v' [B, L, G, K]; 'attn/heads' [B, L, H, K];
+    'mlp/hidden' [B, L, F].
+    """
+    del name, adapters
+    return x
+
+
+DEFAULT_SEAM = Seam()

@@ -1,0 +1,310 @@
+"""One decoder-only Transformer for all supported families, as pure functions.
+
+Parameters are a plain nested dict (see `param_specs` for names, shapes and
+logical axes); layer parameters are always stacked on a leading `n_layers`
+axis and the layer stack runs under `lax.scan` (or a Python loop when
+`cfg.scan_layers` is False). Per-layer attention type (global / sliding
+window, RoPE base) is scanned data, so Gemma 2/3 patterns scan too.
+
+Every linear, the embedding and the named activation points go through a
+`Seam`, so PEFT methods plug in without the model knowing about them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tunejax import sharding as sh
+from tunejax.models import layers
+from tunejax.models.config import ModelConfig
+from tunejax.models.seam import DEFAULT_SEAM, Seam
+
+_BLD = (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_EMBED)
+
+
+class ParamSpec(NamedTuple):
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  init: str  # 'normal' | 'zeros' | 'norm'
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+  """{'/'-joined name: ParamSpec} of every parameter of `cfg`'s model."""
+  d, k, f, n = cfg.d_model, cfg.head_dim, cfg.mlp_dim, cfg.n_layers
+  hk, gk = cfg.n_heads * k, cfg.n_kv_heads * k
+  specs = {"embed/embedding": ParamSpec((cfg.vocab_size, d),
+                                        (sh.VOCAB, sh.EMBED), "normal")}
+  if not cfg.tie_embeddings:
+    specs["lm_head/kernel"] = ParamSpec((d, cfg.vocab_size),
+                                        (sh.EMBED, sh.VOCAB), "normal")
+  specs["final_norm/scale"] = ParamSpec((d,), (sh.NORM,), "norm")
+
+  def layer(name, shape, axes, init="normal"):
+    specs["layers/" + name] = ParamSpec((n, *shape), (sh.LAYERS, *axes), init)
+
+  layer("attn_norm/scale", (d,), (sh.NORM,), "norm")
+  layer("attn/q/kernel", (d, hk), (sh.EMBED, sh.Q_HEADS))
+  layer("attn/k/kernel", (d, gk), (sh.EMBED, sh.KV_HEADS))
+  layer("attn/v/kernel", (d, gk), (sh.EMBED, sh.KV_HEADS))
+  layer("attn/o/kernel", (hk, d), (sh.Q_HEADS, sh.EMBED))
+  if cfg.qkv_bias:
+    layer("attn/q/bias", (hk,), (sh.Q_HEADS,), "zeros")
+    layer("attn/k/bias", (gk,), (sh.KV_HEADS,), "zeros")
+    layer("attn/v/bias", (gk,), (sh.KV_HEADS,), "zeros")
+  if cfg.qk_norm:
+    layer("attn/q_norm/scale", (k,), (sh.NORM,), "norm")
+    layer("attn/k_norm/scale", (k,), (sh.NORM,), "norm")
+  if cfg.post_norms:
+    layer("post_attn_norm/scale", (d,), (sh.NORM,), "norm")
+    layer("post_mlp_norm/scale", (d,), (sh.NORM,), "norm")
+  layer("mlp_norm/scale", (d,), (sh.NORM,), "norm")
+  layer("mlp/gate/kernel", (d, f), (sh.EMBED, sh.MLP))
+  layer("mlp/up/kernel", (d, f), (sh.EMBED, sh.MLP))
+  layer("mlp/down/kernel", (f, d), (sh.MLP, sh.EMBED))
+  return specs
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+  out: dict = {}
+  for name, x in flat.items():
+    *parents, leaf = name.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = x
+  return out
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+  """Tree like the params whose leaves are tuples of logical axis names."""
+  return _unflatten({k: s.axes for k, s in param_specs(cfg).items()})
+
+
+def init(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Random parameters (truncation-free normal, std 0.02; unit norms)."""
+  dtype = jnp.dtype(cfg.param_dtype)
+  specs = param_specs(cfg)
+  keys = jax.random.split(rng, len(specs))
+  flat = {}
+  for key, (name, s) in zip(keys, specs.items()):
+    if s.init == "normal":
+      x = 0.02 * jax.random.normal(key, s.shape, jnp.float32)
+    elif s.init == "norm":  # Norm scale multiplies by offset + scale == 1.
+      x = jnp.full(s.shape, 1.0 - cfg.norm_offset, jnp.float32)
+    else:
+      x = jnp.zeros(s.shape, jnp.float32)
+    flat[name] = x.astype(dtype)
+  return _unflatten(flat)
+
+
+def _sub(tree: dict | None, *path: str) -> dict:
+  for p in path:
+    tree = (tree or {}).get(p)
+  return tree or {}
+
+
+class _Context(NamedTuple):
+  """Per-call data shared by all layers (masks, RoPE tables, cache slot)."""
+  mask_global: jax.Array
+  mask_local: jax.Array | None
+  rope_global: tuple[jax.Array, jax.Array]
+  rope_local: tuple[jax.Array, jax.Array] | None
+  slot: jax.Array | None  # First cache slot written by this call.
+
+
+def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
+           lp: dict, la: dict, is_local: jax.Array, cache, index):
+  """One pre-norm decoder block. Returns (x, cache)."""
+  b, l, _ = x.shape
+  norm = functools.partial(layers.rms_norm, eps=cfg.norm_eps,
+                           offset=cfg.norm_offset)
+
+  def linear(name, inp, p, a):
+    return seam.linear("layers/" + name, inp, p["kernel"], p.get("bias"), a)
+
+  h = norm(x, lp["attn_norm"]["scale"])
+  at, aa = lp["attn"], _sub(la, "attn")
+  q = linear("attn/q", h, at["q"], _sub(aa, "q")).reshape(b, l, cfg.n_heads,
+                                                         cfg.head_dim)
+  kv_shape = (b, l, cfg.n_kv_heads, cfg.head_dim)
+  k = linear("attn/k", h, at["k"], _sub(aa, "k")).reshape(kv_shape)
+  v = linear("attn/v", h, at["v"], _sub(aa, "v")).reshape(kv_shape)
+  if cfg.qk_norm:
+    q = norm(q, at["q_norm"]["scale"])
+    k = norm(k, at["k_norm"]["scale"])
+  q = sh.constrain(q, (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_HEADS, None))
+  cos, sin = ctx.rope_global
+  mask = ctx.mask_global
+  if ctx.rope_local is not None:
+    cos = jnp.where(is_local, ctx.rope_local[0], cos)
+    sin = jnp.where(is_local, ctx.rope_local[1], sin)
+  if ctx.mask_local is not None:
+    mask = jnp.where(is_local, ctx.mask_local, mask)
+  q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+  k = seam.act("attn/k", k, _sub(aa, "k"))
+  v = seam.act("attn/v", v, _sub(aa, "v"))
+  if cache is not None:  # Write this call's keys/values, attend to all slots.
+    ck, cv = cache
+    at_slot = (index, 0, ctx.slot, 0, 0)
+    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at_slot)
+    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at_slot)
+    cache = (ck, cv)
+    k = jax.lax.dynamic_index_in_dim(ck, index, 0, keepdims=False)
+    v = jax.lax.dynamic_index_in_dim(cv, index, 0, keepdims=False)
+  o = layers.attention(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask)
+  o = seam.act("attn/heads", o, _sub(aa, "heads"))
+  o = linear("attn/o", o.reshape(b, l, -1), at["o"], _sub(aa, "o"))
+  if cfg.post_norms:
+    o = norm(o, lp["post_attn_norm"]["scale"])
+  x = sh.constrain(x + o, _BLD)
+
+  h = norm(x, lp["mlp_norm"]["scale"])
+  mp, ma = lp["mlp"], _sub(la, "mlp")
+  gate = linear("mlp/gate", h, mp["gate"], _sub(ma, "gate"))
+  up = linear("mlp/up", h, mp["up"], _sub(ma, "up"))
+  hid = layers.mlp_activation(cfg.mlp_act, gate) * up
+  hid = sh.constrain(hid, (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_MLP))
+  hid = seam.act("mlp/hidden", hid, _sub(ma, "hidden"))
+  o = linear("mlp/down", hid, mp["down"], _sub(ma, "down"))
+  if cfg.post_norms:
+    o = norm(o, lp["post_mlp_norm"]["scale"])
+  return sh.constrain(x + o, _BLD), cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _make_context(cfg: ModelConfig, q_idx_L, k_idx_S, q_pos, k_pos, q_seg,
+                  k_seg, slot) -> _Context:
+  has_local = "local" in cfg.layer_types
+  mask = functools.partial(layers.attention_mask, q_idx_L, k_idx_S, q_pos,
+                           k_pos, q_seg, k_seg)
+  global_freq = layers.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+  local_freq = layers.inv_freq(cfg.head_dim, cfg.local_theta, None)
+  return _Context(
+      mask_global=mask(None),
+      mask_local=mask(cfg.sliding_window) if has_local else None,
+      rope_global=layers.rope_tables(q_pos, global_freq),
+      rope_local=layers.rope_tables(q_pos, local_freq) if has_local else None,
+      slot=slot)
+
+
+def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
+           cache):
+  """Runs all layers (scan or Python loop). Returns (x, cache)."""
+  is_local = jnp.asarray(np.array([t == "local" for t in cfg.layer_types]))
+  body = functools.partial(_layer, cfg, seam, ctx)
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+  lp_all, la_all = params["layers"], _sub(adapters, "layers")
+  if not cfg.scan_layers:
+    for i in range(cfg.n_layers):
+      pick = lambda t, i=i: jax.tree.map(lambda a: a[i], t)
+      x, cache = body(x, pick(lp_all), pick(la_all), is_local[i], cache, i)
+    return x, cache
+
+  def step(carry, xs):
+    x, cache = carry
+    lp, la, local, i = xs
+    return body(x, lp, la, local, cache, i), None
+
+  xs = (lp_all, la_all, is_local, jnp.arange(cfg.n_layers))
+  (x, cache), _ = jax.lax.scan(step, (x, cache), xs)
+  return x, cache
+
+
+def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
+           segment_ids_BxL, *, adapters=None, seam: Seam = DEFAULT_SEAM,
+           cache=None):
+  """Final-normed hidden states, optionally through a KV cache.
+
+  `cache` is None (attend within `tokens`) or a dict with 'k', 'v'
+  [n_layers, B, S, G, K], 'pos', 'seg' [B, S] (key positions and segment
+  ids already updated for this call's tokens) and 'slot' (scalar, first slot
+  of this call). Returns (h_BxLxD, cache).
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  l = tokens_BxL.shape[1]
+  x = seam.embed(tokens_BxL, params["embed"]["embedding"],
+                 _sub(adapters, "embed")).astype(dtype)
+  if cfg.embed_scale:  # HF rounds the scale to the compute dtype first.
+    x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+  x = sh.constrain(x, _BLD)
+  q_idx = jnp.arange(l)
+  if cache is None:
+    ctx = _make_context(cfg, q_idx, q_idx, positions_BxL, positions_BxL,
+                        segment_ids_BxL, segment_ids_BxL, None)
+    kv = None
+  else:
+    s = cache["k"].shape[2]
+    ctx = _make_context(cfg, q_idx + cache["slot"], jnp.arange(s),
+                        positions_BxL, cache["pos"], segment_ids_BxL,
+                        cache["seg"], cache["slot"])
+    kv = (cache["k"], cache["v"])
+  x, kv = _stack(cfg, seam, ctx, x, params, adapters, kv)
+  h = layers.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps,
+                      cfg.norm_offset)
+  if cache is not None:
+    cache = {**cache, "k": kv[0], "v": kv[1]}
+  return h, cache
+
+
+def _defaults(tokens_BxL, positions, segment_ids):
+  b, l = tokens_BxL.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, l), jnp.int32)
+  return positions, segment_ids
+
+
+def hidden(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
+           positions_BxL: jax.Array | None = None,
+           segment_ids_BxL: jax.Array | None = None, *, adapters=None,
+           seam: Seam | None = None) -> jax.Array:
+  """Final-normed hidden states [B, L, D] (compute dtype), pre-unembedding.
+
+  `positions` default to 0..L-1; `segment_ids` (0 = padding) default to all
+  ones. Tokens attend only to earlier tokens of the same segment.
+  """
+  positions, segs = _defaults(tokens_BxL, positions_BxL, segment_ids_BxL)
+  h, _ = decode(cfg, params, tokens_BxL, positions, segs, adapters=adapters,
+                seam=seam or DEFAULT_SEAM)
+  return h
+
+
+def unembedding(cfg: ModelConfig, params: dict) -> jax.Array:
+  """[D, V] output projection: tied embedding transposed or lm_head."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, h_BxLxD: jax.Array,
+                       *, adapters=None, seam: Seam | None = None):
+  """float32 logits (with the final softcap) from final hidden states."""
+  seam = seam or DEFAULT_SEAM
+  w = unembedding(cfg, params)
+  logits = seam.linear("lm_head", h_BxLxD, w, None, _sub(adapters, "lm_head"))
+  logits = logits.astype(jnp.float32)
+  if cfg.final_logit_softcap is not None:
+    cap = cfg.final_logit_softcap
+    logits = jnp.tanh(logits / cap) * cap
+  return sh.constrain(logits, (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_VOCAB))
+
+
+def forward(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
+            positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, *, adapters=None,
+            seam: Seam | None = None) -> jax.Array:
+  """Logits [B, L, V] in float32 (naive path; losses use hidden + fused op)."""
+  h = hidden(cfg, params, tokens_BxL, positions, segment_ids,
+             adapters=adapters, seam=seam)
+  return logits_from_hidden(cfg, params, h, adapters=adapters, seam=seam)

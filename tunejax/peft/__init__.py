@@ -1,0 +1,10 @@
+"""PEFT methods: pure functions over param trees plus the model's seam.
+
+`get(cfg)` returns a `Method` for `config.peft.method`. A method splits the
+model's params into the trainable and frozen trees of `TrainState`, tells
+the model which params and adapters to use (`assemble`), and folds itself
+back into plain params for export (`merged`).
+"""
+from tunejax.peft.base import Method, PeftConfig, get, register
+
+__all__ = ["Method", "PeftConfig", "get", "register"]

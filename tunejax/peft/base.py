@@ -1,0 +1,102 @@
+"""The PEFT method interface, its registry, and the non-adapter methods."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+from tunejax import errors, tree
+from tunejax.models.seam import Seam
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  method: str = "none"            # none (full FT) | freeze | lora | rslora
+  # 'freeze': regexes over param names that stay trainable (others frozen).
+  trainable: tuple[str, ...] = (".*",)
+  # LoRA family.
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = (r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))",)
+  # (regex, rank, alpha) per-target overrides; first match wins.
+  overrides: tuple[tuple[str, int, float], ...] = ()
+
+  def validate(self):
+    if self.method not in _REGISTRY:
+      raise errors.ConfigError(
+          f"config.peft.method: unknown method '{self.method}' "
+          f"(known: {sorted(_REGISTRY)})")
+    for p in self.trainable + self.targets:
+      try:
+        re.compile(p)
+      except re.error as e:
+        raise errors.ConfigError(f"config.peft: bad regex '{p}': {e}") \
+            from None
+
+
+class Method:
+  """A PEFT method. Subclasses override what differs from full FT."""
+
+  seam: Seam = Seam()
+
+  def __init__(self, cfg: PeftConfig):
+    self.cfg = cfg
+
+  def init(self, rng, params) -> tuple[dict, dict]:
+    """Model params -> (trainable, frozen) trees. Must be jit-able."""
+    del rng
+    return params, {}
+
+  def assemble(self, trainable, frozen, rng=None) -> tuple[dict, Any]:
+    """(trainable, frozen) -> (model params, adapters) for the forward."""
+    del rng
+    return tree.merge(trainable, frozen), None
+
+  def merged(self, trainable, frozen) -> dict:
+    """Plain model params with the method folded in (for export)."""
+    return self.assemble(trainable, frozen)[0]
+
+  def axes(self, model_axes) -> tuple[dict, dict]:
+    """Logical axis names of (trainable, frozen), given the model's."""
+    return model_axes, {}
+
+
+_REGISTRY: dict[str, Callable[[PeftConfig], Method]] = {}
+
+
+def register(name: str):
+  def deco(cls):
+    if name in _REGISTRY:
+      raise ValueError(f"peft method '{name}' registered twice")
+    _REGISTRY[name] = cls
+    return cls
+  return deco
+
+
+def get(cfg: PeftConfig) -> Method:
+  return _REGISTRY[cfg.method](cfg)
+
+
+register("none")(Method)
+
+
+@register("freeze")
+class Freeze(Method):
+  """Trains only params whose names match `peft.trainable` (e.g. norms,
+  the MLPs, or BitFit-style biases); the rest is frozen data."""
+
+  def _is_trainable(self, name: str) -> bool:
+    return any(re.fullmatch(p, name) for p in self.cfg.trainable)
+
+  def init(self, rng, params):
+    del rng
+    names = tree.flatten(params)
+    for p in self.cfg.trainable:
+      if not any(re.fullmatch(p, n) for n in names):
+        raise errors.ConfigError(
+            f"config.peft.trainable: '{p}' matches no parameter")
+    return tree.split(params, self._is_trainable)
+
+  def axes(self, model_axes):
+    return tree.split(model_axes, self._is_trainable, is_leaf=tree.is_axes)

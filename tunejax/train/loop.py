@@ -1,0 +1,133 @@
+"""The host loop: data -> jitted step -> metrics, eval, checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from tunejax import data, errors
+from tunejax.checkpoint import Checkpointer, abstract
+from tunejax.train import evaluate, setup
+from tunejax.train.config import Config, eval_data
+from tunejax.train.metrics import MetricsWriter
+
+
+class _Preemption:
+  """SIGTERM (TPU preemption, SLURM) sets a flag; the loop saves and exits."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. notebooks): no handler
+      self._old = None
+    return self
+
+  def _handle(self, *_):
+    logging.warning("SIGTERM: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _host_metrics(metrics) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _data_iterator(data_cfg, tokenizer, seed):
+  return data.make_iterator(data_cfg, tokenizer, seed=seed,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+
+
+def _restore(ckpt: Checkpointer, state, run, it) -> tuple[object, int]:
+  found = ckpt.restore_latest(abstract(state, run.state_shardings))
+  if found is None:
+    return state, 0
+  step, state, data_state = found
+  if data_state:
+    it.set_state(data_state)
+  logging.info("resumed from step %d", step)
+  return state, step
+
+
+def _log_row(run, cfg: Config, m: dict, step: int, ntokens: float, dt: float):
+  m["lr"] = float(run.lr_schedule(step - 1))
+  m["tokens_per_sec"] = ntokens / max(dt, 1e-9)
+  flops = run.model_cfg.flops_per_token(cfg.data.seq_len) * m["tokens_per_sec"]
+  m["tflops"] = flops / 1e12
+  if cfg.log.peak_tflops:
+    m["mfu"] = m["tflops"] / (cfg.log.peak_tflops * jax.device_count())
+  return m
+
+
+def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
+  """Runs `cfg.total_steps` optimizer steps; returns the last metrics."""
+  state, run = setup.build(cfg, model_cfg, params)
+  del params
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                      keep=cfg.checkpoint.keep,
+                      async_save=cfg.checkpoint.async_save)
+  it = _data_iterator(cfg.data, tokenizer, cfg.seed)
+  start = 0
+  if cfg.checkpoint.resume:
+    state, start = _restore(ckpt, state, run, it)
+  writer = MetricsWriter(workdir, total_steps=cfg.total_steps,
+                         start_step=start, tensorboard=cfg.log.tensorboard,
+                         progress=cfg.log.progress)
+  evaluator = evaluate.Evaluator(cfg, run, tokenizer, eval_data(cfg))
+  config_json = dataclasses.asdict(cfg)
+  step_fn = setup.jit_train_step(run, cfg.micro_batches)
+  base_rng = jax.random.PRNGKey(cfg.seed)
+  if start == 0 and cfg.eval.every >= 0:
+    writer.write(0, evaluator(state))
+  last, ntok, t0 = {}, 0.0, time.perf_counter()
+  with _Preemption() as pre:
+    for step in range(start + 1, cfg.total_steps + 1):
+      batch = next(it)
+      ntok += float(np.sum(batch["segment_ids"] > 0))
+      gbatch = data.to_global(batch, run.mesh, run.batch_sharding)
+      state, metrics = step_fn(state, gbatch, base_rng)
+      if step % cfg.log.every == 0 or step == cfg.total_steps:
+        m = _host_metrics(metrics)
+        if not np.isfinite(m["loss"]):
+          raise errors.NonFiniteLossError(
+              f"step {step}: loss is {m['loss']} (grad_norm "
+              f"{m.get('grad_norm')}); lower config.optim.lr or check data")
+        last = _log_row(run, cfg, m, step, ntok * jax.process_count(),
+                        time.perf_counter() - t0)
+        writer.write(step, last)
+        ntok, t0 = 0.0, time.perf_counter()
+      writer.advance()
+      if cfg.eval.every > 0 and step % cfg.eval.every == 0:
+        writer.write(step, evaluator(state))
+      save_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+      if save_now or pre.requested or step == cfg.total_steps:
+        ckpt.save(step, state, it.get_state(), config_json, force=True)
+      if pre.requested:
+        break
+  if not pre.requested and cfg.eval.every >= 0 and cfg.total_steps > start:
+    if not (cfg.eval.every > 0 and cfg.total_steps % cfg.eval.every == 0):
+      writer.write(cfg.total_steps, evaluator(state))
+  ckpt.close()
+  writer.close()
+  _write_summary(workdir, last)
+  return {"state": state, "run": run, "metrics": last,
+          "preempted": pre.requested}
+
+
+def _write_summary(workdir, last):
+  if jax.process_index() == 0 and last:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(last, f, indent=1)
