@@ -9,6 +9,7 @@ file) is detected at restore and the previous one is used, with a warning.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -62,9 +63,21 @@ class Checkpointer:
         # Orbax raises many types for damaged files; any of them means this
         # checkpoint is unusable, and an older one may still be fine.
         logging.warning("checkpoint step %d in %s is unreadable (%s: %s); "
-                        "trying the previous one", step, self.directory,
-                        type(e).__name__, str(e).splitlines()[0][:200])
+                        "moved aside to %d.corrupt, trying the previous one",
+                        step, self.directory, type(e).__name__,
+                        (str(e).splitlines() or [""])[0][:200], step)
+        self._set_aside(step)
     return None
+
+  def _set_aside(self, step: int):
+    """Renames a damaged step dir so the resumed run can save that step."""
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst = f"{src}.corrupt"
+      if os.path.exists(dst):
+        shutil.rmtree(dst)
+      os.replace(src, dst)
+    self._mngr.reload()
 
   def close(self):
     self._mngr.wait_until_finished()

@@ -48,3 +48,20 @@ def sp_tok():
       pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
       hard_vocab_limit=False)
   return SpTokenizer(buf.getvalue())
+
+
+@pytest.fixture(scope="session")
+def chat_tok(tmp_path_factory):
+  """A real `tunejax.tokenizers.Tokenizer` with every style's chat tokens."""
+  from tunejax import tokenizers  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(["be brief hi hello 2+2? 4 user model"] * 50),
+      model_writer=buf, vocab_size=60, pad_id=0, unk_id=1, bos_id=2,
+      eos_id=3, minloglevel=2, hard_vocab_limit=False,
+      control_symbols=["<start_of_turn>", "<end_of_turn>", "<|im_start|>",
+                       "<|im_end|>", "<|start_header_id|>",
+                       "<|end_header_id|>", "<|eot_id|>"])
+  path = tmp_path_factory.mktemp("tok") / "chat.model"
+  path.write_bytes(buf.getvalue())
+  return tokenizers.from_sentencepiece_file(str(path))

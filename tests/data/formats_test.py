@@ -165,3 +165,34 @@ def test_chat_train_on_all_and_bad_rows(byte_tok, monkeypatch):
   with pytest.raises(formats.RowError, match=r"\[1\]: expected"):
     formats.format_row({"messages": [{"role": "user", "content": "a"},
                                      {"role": "assistant"}]}, byte_tok, cfg)
+
+
+_EOT = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>",
+        "llama3": "<|eot_id|>"}
+
+
+def _trained_runs(doc):
+  """Maximal runs of consecutive trained targets, as id lists."""
+  runs, current = [], []
+  for target, m in zip(doc[1].tolist(), doc[2].tolist()):
+    if m:
+      current.append(target)
+    elif current:
+      runs.append(current)
+      current = []
+  return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("style", ["gemma", "chatml", "llama3"])
+@pytest.mark.parametrize("train_on", ["assistant", "last"])
+def test_chat_masks_with_real_templates(chat_tok, style, train_on):
+  cfg = _cfg(format="chat", chat_style=style, train_on=train_on)
+  (doc,) = _one(CHAT, chat_tok, cfg)
+  # The tokens are exactly what inference renders for the conversation.
+  rendered = tokenizers.render_chat(chat_tok, CHAT["messages"], style=style,
+                                    add_generation_prompt=False)
+  assert doc[0].tolist() + doc[1][-1:].tolist() == rendered
+  eot = chat_tok.token_id(_EOT[style])
+  want = [chat_tok.encode(m["content"]) + [eot]
+          for m in CHAT["messages"] if m["role"] == "assistant"]
+  assert _trained_runs(doc) == (want[-1:] if train_on == "last" else want)

@@ -203,6 +203,16 @@ def test_all_rows_bad_is_an_error(tmp_path, byte_tok):
     next(make_iterator(_cfg(str(path)), byte_tok, seed=0))  # repeats forever
 
 
+def test_one_good_row_in_many_bad_is_not_an_error(tmp_path, byte_tok):
+  path = tmp_path / "mostly_bad.jsonl"
+  path.write_text("{\n" * 9 + json.dumps({"text": "ok"}) + "\n")
+  it = make_iterator(_cfg(str(path), batch_size=1, pack_window=3), byte_tok,
+                     seed=0)
+  batches = [next(it) for _ in range(6)]  # six reshuffled epochs
+  assert all(b["loss_mask"].sum() == 3 for b in batches)  # o, k, eos
+  assert it.stats()["bad_rows"] >= 45
+
+
 def test_preference_batches_pair_rows(tmp_path, byte_tok):
   rows = [{"prompt": f"q{i}?", "chosen": " y" * (i % 5 + 1),
            "rejected": " n" * (i % 3 + 1)} for i in range(20)]
@@ -250,3 +260,35 @@ def test_config_is_strict(corpus, byte_tok):
                   process_count=4)
   with pytest.raises(errors.DataError, match="no jsonl files"):
     make_iterator(_cfg(path + ".missing"), byte_tok, seed=0)
+
+
+def test_resume_with_bad_rows_pairs_and_weights(tmp_path, byte_tok):
+  rows = []
+  for i in range(30):
+    rows.append(json.dumps({"prompt": f"q{i}", "chosen": " y" * (i % 4 + 1),
+                            "rejected": " n" * (i % 3 + 1),
+                            "spans": [[0, 2, 2.0]]}))
+    if i % 7 == 0:
+      rows.append("{broken")
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("\n".join(rows) + "\n")
+  cfg = _cfg(str(path), format="preference", seq_len=20, pack_window=5,
+             spans_field="spans")
+  ref = make_iterator(cfg, byte_tok, seed=9)
+  reference = [next(ref) for _ in range(25)]
+  assert {"chosen_weights", "rejected_weights"} <= set(reference[0])
+  mask, weights = reference[0]["chosen_loss_mask"], reference[0][
+      "chosen_weights"]
+  assert set(np.unique(weights[mask > 0])) == {1.0, 2.0}
+  for k in (3, 11):
+    it = make_iterator(cfg, byte_tok, seed=9)
+    for _ in range(k):
+      next(it)
+    restored = make_iterator(cfg, byte_tok, seed=9)
+    restored.set_state(json.loads(json.dumps(it.get_state())))
+    assert restored.stats() == it.stats()
+    assert restored.stats()["bad_rows"] > 0
+    for want in reference[k:k + 4]:
+      got = next(restored)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])

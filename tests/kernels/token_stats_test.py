@@ -140,3 +140,24 @@ def test_jit_and_bad_impl():
       f(h, w), kernels.token_stats(h, w, y, impl="naive").logp, atol=1e-5)
   with pytest.raises(errors.ConfigError, match="impl='cuda'"):
     kernels.token_stats(h, w, y, impl="cuda")
+
+
+def _temp_bytes(impl, n, d, v, dtype=jnp.bfloat16):
+  """Compiled (not run) temp memory of a CE + z-loss value-and-grad."""
+  def loss(h, w, y):
+    st = kernels.token_stats(h, w, y, impl=impl)
+    return -jnp.sum(st.logp) + 1e-4 * jnp.sum(st.lse**2)
+
+  args = (jax.ShapeDtypeStruct((n, d), dtype),
+          jax.ShapeDtypeStruct((d, v), dtype),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_temp_memory_at_gemma3_vocab_is_100x_below_naive():
+  naive = _temp_bytes("naive", 4096, 640, 262144)
+  fused = _temp_bytes("xla", 4096, 640, 262144)
+  # Measured on XLA:CPU: naive 12.6 GiB, fused 63 MiB (~200x).
+  assert naive > 8 * 2**30
+  assert fused * 100 <= naive, (fused, naive)

@@ -13,10 +13,11 @@ from tests.train.helpers import tiny_config
 N = 3
 
 
-def _cfg(steps, **kw):
+def _cfg(steps, every=1):
   return tiny_config(total_steps=steps,
-                     checkpoint={"every": 1, "keep": 5, "async_save": False},
-                     eval={"every": -1}, **kw)
+                     checkpoint={"every": every, "keep": 5,
+                                 "async_save": False},
+                     eval={"every": -1})
 
 
 def _params(out):
@@ -39,20 +40,46 @@ def uninterrupted(tmp_path_factory):
   return wd, train.run(_cfg(2 * N), wd)
 
 
-def test_resume_is_bitwise(uninterrupted, tmp_path):
+class _Killed(Exception):
+  pass
+
+
+def _patch_write(monkeypatch, at_step, action):
+  """Runs `action()` right after the train metrics of `at_step` are logged."""
+  orig = metrics_lib.MetricsWriter.write
+
+  def write(self, step, m):
+    orig(self, step, m)
+    if step == at_step and "loss" in m:
+      action()
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write)
+
+
+def _kill():
+  raise _Killed()
+
+
+def test_resume_is_bitwise(uninterrupted, tmp_path, monkeypatch):
   full_wd, full = uninterrupted
   wd = str(tmp_path)
-  train.run(_cfg(N), wd)                 # "killed" after N steps
-  resumed = train.run(_cfg(2 * N), wd)   # resumes at N, runs N more
+  with monkeypatch.context() as mp:
+    _patch_write(mp, N, _kill)   # dies mid-step N, before its checkpoint
+    with pytest.raises(_Killed):
+      train.run(_cfg(2 * N), wd)
+  resumed = train.run(_cfg(2 * N), wd)   # resumes at N-1
   for a, b in zip(_params(full), _params(resumed)):
     np.testing.assert_array_equal(a, b)
   assert _comparable(_train_rows(wd)) == _comparable(_train_rows(full_wd))
 
 
-def test_truncated_latest_checkpoint_falls_back(uninterrupted, tmp_path):
+def test_truncated_latest_checkpoint_falls_back(uninterrupted, tmp_path,
+                                               monkeypatch):
   _, full = uninterrupted
   wd = str(tmp_path)
-  train.run(_cfg(N), wd)
+  with monkeypatch.context() as mp:
+    _patch_write(mp, N + 1, _kill)
+    with pytest.raises(_Killed):
+      train.run(_cfg(2 * N), wd)
   # Damage every data file of the newest checkpoint (step N).
   latest = os.path.join(wd, "checkpoints", str(N), "state")
   damaged = 0
@@ -69,25 +96,14 @@ def test_truncated_latest_checkpoint_falls_back(uninterrupted, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_saves_and_resume_matches(uninterrupted, tmp_path):
+def test_sigterm_saves_and_resume_matches(uninterrupted, tmp_path, monkeypatch):
   """SIGTERM mid-run saves the current step and exits; resume continues."""
   _, full = uninterrupted
   wd = str(tmp_path)
-  cfg = _cfg(2 * N, checkpoint={"every": 1000, "async_save": False})
-
-  # Deliver SIGTERM to ourselves after step N via the metrics writer hook.
-  orig = metrics_lib.MetricsWriter.write
-
-  def write(self, step, m):
-    orig(self, step, m)
-    if step == N and "loss" in m:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  metrics_lib.MetricsWriter.write = write
-  try:
+  cfg = _cfg(2 * N, every=1000)
+  with monkeypatch.context() as mp:
+    _patch_write(mp, N, lambda: os.kill(os.getpid(), signal.SIGTERM))
     out = train.run(cfg, wd)
-  finally:
-    metrics_lib.MetricsWriter.write = orig
   assert out["preempted"]
   assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints"))
                 if s.isdigit()) == [N]

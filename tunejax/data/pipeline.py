@@ -1,4 +1,4 @@
-"""The host input pipeline: source -> shard -> shuffle -> format -> pack -> batch.
+"""Host input pipeline: source, shard, shuffle, format, pack, batch.
 
 The random-access part runs on grain `MapDataset`s: each process takes the
 records `process_index::process_count` (disjoint and covering), shuffles its
@@ -30,7 +30,7 @@ _STATE_VERSION = 1
 
 def _record_stats() -> dict[str, Any]:
   return {"records": 0, "examples": 0, "documents": 0, "bad_rows": 0,
-          "bad_streak": 0, "first_bad": []}
+          "epoch_examples": 0, "first_bad": []}
 
 
 def _row_stats() -> dict[str, int]:
@@ -73,8 +73,8 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
       raise StopIteration
     # A finite dataset's last batch is padded with empty rows (no loss), so
     # every token is served and shapes stay fixed.
-    rows = rows + [packing.empty_row(self._width, self._cfg.seq_len, self._pad_id)
-             ] * (self._rows_per_batch - len(rows))
+    empty = packing.empty_row(self._width, self._cfg.seq_len, self._pad_id)
+    rows += [empty] * (self._rows_per_batch - len(rows))
     self._rows["slots"] += self._cfg.seq_len * self._rows_per_batch
     return self._collate(rows)
 
@@ -104,7 +104,9 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
         units.extend(item)
         self._records["examples"] += 1
         self._records["documents"] += len(item)
-        self._records["bad_streak"] = 0
+        self._records["epoch_examples"] += 1
+      if (i + 1) % self._shard_len == 0:
+        self._end_epoch()
     self._next_record = end
     self._loaded = True
     self._window = packing.pack(units, self._cfg.seq_len, self._pad_id,
@@ -117,15 +119,19 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
       raise errors.DataError(message)
     stats = self._records
     stats["bad_rows"] += 1
-    stats["bad_streak"] += 1
     if len(stats["first_bad"]) < _MAX_LOGGED:
       stats["first_bad"].append(message)
       logging.warning("skipping bad data row %s", message)
-    if stats["bad_streak"] >= self._shard_len:
+
+  def _end_epoch(self) -> None:
+    # An epoch is a permutation of the shard: no good row in it means that
+    # every row is bad, which must stop the run rather than spin forever.
+    if not self._records["epoch_examples"]:
       raise errors.DataError(
           f"every row of data.path={self._cfg.path!r} is bad "
           f"({self._shard_len} rows in this process's shard); first: "
-          f"{stats['first_bad'][0]}")
+          f"{self._records['first_bad'][0]}")
+    self._records["epoch_examples"] = 0
 
   def _collate(self, rows) -> dict[str, np.ndarray]:
     keys = [k for k in packing.ROW_KEYS
@@ -135,8 +141,15 @@ class DataIterator(Iterator[dict[str, np.ndarray]]):
             for j, p in enumerate(prefixes) for k in keys}
 
   def stats(self) -> dict[str, Any]:
-    """Counts so far: records, examples, bad rows, packing efficiency..."""
-    out = {k: v for k, v in self._records.items() if k != "bad_streak"}
+    """Counts so far (restored with the state).
+
+    records / examples / documents / bad_rows (+ first_bad: the first few
+    'file:line: reason'), rows (packed, excluding last-batch padding rows),
+    tokens (non-padding inputs; the chosen side for preference data),
+    target_tokens (loss_mask sum over all sides), slots (served positions),
+    packing_efficiency = tokens / (rows * seq_len).
+    """
+    out = {k: v for k, v in self._records.items() if k != "epoch_examples"}
     out.update(self._rows)
     out["packing_efficiency"] = self._rows["tokens"] / max(
         1, self._rows["rows"] * self._cfg.seq_len)
@@ -181,7 +194,17 @@ def _shard(cfg: DataConfig, process_index: int, process_count: int):
 def make_iterator(cfg: DataConfig, tokenizer, *, seed: int,
                   process_index: int = 0, process_count: int = 1
                   ) -> DataIterator:
-  """The deterministic, resumable batch iterator of this process's shard."""
+  """The deterministic, resumable batch iterator of this process's shard.
+
+  Batches are dicts of numpy arrays `[batch_size / process_count, seq_len]`:
+  `tokens`, `targets`, `loss_mask`, `segment_ids`, `positions`, plus
+  `weights` when `weights_field` or `spans_field` is set (zero wherever
+  `loss_mask` is); preference batches prefix each key with `chosen_` and
+  `rejected_` (row i of one pairs with row i of the other, segment by
+  segment). With `num_epochs` set, the last batch is padded with empty rows
+  and iteration stops; processes may then differ by a batch, so drive
+  multi-host loops by step count.
+  """
   if cfg.batch_size % process_count:
     raise errors.ConfigError(
         f"config.data.batch_size: {cfg.batch_size} is not divisible by the "

@@ -43,19 +43,24 @@ def expand_paths(path: str, kind: str) -> list[str]:
 
 
 def _line_spans(read_chunk) -> tuple[np.ndarray, np.ndarray]:
-  """(start, end) byte offsets of the lines of a stream, by chunked scan."""
-  newlines, total = [], 0
+  """(start, end) byte offsets of the lines of a stream, by chunked scan.
+
+  `end` excludes the newline and a '\r' before it (CRLF files).
+  """
+  starts, ends, total, prev = [], [], 0, 0
   while True:
     buf = read_chunk()
     if not buf:
       break
-    newlines.append(np.flatnonzero(np.frombuffer(buf, np.uint8) == 10) + total)
-    total += len(buf)
-  ends = np.concatenate(newlines + [np.zeros(0, np.int64)]).astype(np.int64)
-  if total and (not len(ends) or ends[-1] != total - 1):
-    ends = np.append(ends, total)  # last line without a trailing newline
-  starts = np.concatenate([[0], ends[:-1] + 1])[:len(ends)].astype(np.int64)
-  return starts, ends
+    arr = np.frombuffer(buf, np.uint8)
+    nl = np.flatnonzero(arr == 10)
+    before = np.where(nl > 0, arr[np.maximum(nl - 1, 0)], prev)
+    starts.append(nl + total + 1)
+    ends.append(nl + total - (before == 13))
+    total, prev = total + len(buf), arr[-1]
+  starts = np.concatenate([[0]] + starts).astype(np.int64)
+  ends = np.concatenate(ends + [[total - (prev == 13)]]).astype(np.int64)
+  return starts, ends  # the last "line" is empty when the file ends in \n
 
 
 class _LineFile:
@@ -81,6 +86,10 @@ class _LineFile:
     self.starts, self.ends = starts[keep], ends[keep]
     self.line_numbers = np.flatnonzero(keep) + 1
 
+  def __del__(self):
+    if getattr(self, "_fd", None) is not None:
+      os.close(self._fd)
+
   def __len__(self) -> int:
     return len(self.starts)
 
@@ -90,7 +99,7 @@ class _LineFile:
       raw = self._data[start:end]
     else:
       raw = os.pread(self._fd, end - start, start)
-    return raw.decode("utf-8", errors="replace").rstrip("\r")
+    return raw.decode("utf-8", errors="replace")
 
 
 class LineSource:

@@ -6,6 +6,7 @@ Every example is `{'prompt', 'completion', 'answer'}` with
 and fixed-form so that a small base model (Gemma 3 270M) learns `add2` or
 `reverse3` within ~100 short steps:
 
+  add1      '3+4='             -> '7'
   add2      '12+34='           -> '46'
   add3      '123+456='         -> '579'
   add4      '1234+5678='       -> '6912'
@@ -68,7 +69,8 @@ def _sort4(rng):
 
 
 TASKS: dict[str, _Gen] = {
-    "add2": _add(2), "add3": _add(3), "add4": _add(4), "sub2": _sub2,
+    "add1": _add(1), "add2": _add(2), "add3": _add(3), "add4": _add(4),
+    "sub2": _sub2,
     "mul1": _mul(1), "mul2": _mul(2), "reverse3": _reverse(3),
     "reverse5": _reverse(5), "sort4": _sort4,
 }

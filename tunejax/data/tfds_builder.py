@@ -120,19 +120,33 @@ class TfdsSource:
     return f"{self._label}:{i}", record
 
 
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
 def open_tfds(path: str, split: str, data_dir: str | None) -> TfdsSource:
   """Reads a prepared dataset (registry name or directory); never downloads."""
+  where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+  key = f"config.data.path={path!r}"
   try:
     if os.path.isfile(os.path.join(path, "dataset_info.json")):
-      src = tfds.builder_from_directory(path).as_data_source(split=split)
+      builder = tfds.builder_from_directory(path)
     else:
-      src = tfds.data_source(path, split=split, data_dir=data_dir,
-                             download=False, try_gcs=False)
-  except Exception as e:  # TFDS raises Assertion/Value/DatasetNotFound...
-    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e)
+      builder = tfds.builder(path, data_dir=data_dir, try_gcs=False)
+  except Exception as e:  # DatasetNotFoundError, bad dataset_info, ...
+    raise errors.DataError(f"{key}: unknown TFDS dataset ({_first_line(e)})"
+                           ) from None
+  if not builder.is_prepared():
     raise errors.DataError(
-        f"config.data.path={path!r} split={split!r}: no prepared TFDS dataset "
-        f"in {where} ({reason}); build it first (tunejax.data.tfds_build or "
-        "the dataset's download_and_prepare)") from None
+        f"{key}: TFDS dataset is not prepared in {where}; tunejax never "
+        "downloads, so build it first (tunejax.data.tfds_build for local "
+        "JSONL/text files, or the dataset's download_and_prepare)")
+  try:
+    src = builder.as_data_source(split=split)
+  except Exception as e:  # unknown split, tfrecord files (need TensorFlow)
+    raise errors.DataError(
+        f"{key} split={split!r}: cannot read without TensorFlow "
+        f"({_first_line(e)}); prepare it with file_format='array_record'"
+        ) from None
   return TfdsSource(src, f"{path}/{split}")

@@ -91,6 +91,18 @@ def init_stats(rows):
                zeros)
 
 
+def online_max(m, s, col_ok):
+  """One streaming-softmax step.
+
+  Returns the new running max, the factor exp(m_old - m_new) that re-bases
+  old sums, s - m_new (NEG-safe) and exp(s - m_new) (0 outside col_ok).
+  """
+  s_ok = jnp.where(col_ok, s, NEG)
+  m_new = jnp.maximum(m, jnp.max(s_ok, axis=1, keepdims=True))
+  rel = s_ok - m_new
+  return m_new, jnp.exp(m - m_new), rel, jnp.where(col_ok, jnp.exp(rel), 0.0)
+
+
 def update_stats(st: Stats, s, cols, col_ok, y):
   """Folds one tile into the running stats.
 
@@ -102,11 +114,7 @@ def update_stats(st: Stats, s, cols, col_ok, y):
       columns an earlier tile already covered.
     y: targets [T, 1] int32 (-1 never matches a column).
   """
-  s_ok = jnp.where(col_ok, s, NEG)
-  m_new = jnp.maximum(st.m, jnp.max(s_ok, axis=1, keepdims=True))
-  scale = jnp.exp(st.m - m_new)
-  rel = s_ok - m_new
-  p_un = jnp.where(col_ok, jnp.exp(rel), 0.0)
+  m_new, scale, rel, p_un = online_max(st.m, s, col_ok)
   l = st.l * scale + jnp.sum(p_un, axis=1, keepdims=True)
   # Re-centre the old entropy sum on the new max (see module notes).
   ent = (st.ent + (st.m - m_new) * st.l) * scale + jnp.sum(
@@ -156,10 +164,10 @@ def stats_grad(s, cols, ok, y, coef):
     cols: global column ids [T, U].
     ok: bool tile, False for padding rows/columns (and overlap columns).
     y: targets [T, 1] int32.
-    coef: [T, 8] float32 from `stats_coefs`.
+    coef: [T, 8] float32 rows of `stats_coefs`, as an array or a Pallas
+      ref (read column by column: Triton cannot slice loaded values).
   """
-  a, b, c = coef[:, A:A + 1], coef[:, B:B + 1], coef[:, C:C + 1]
-  e, lse, ent = coef[:, E:E + 1], coef[:, LSE:LSE + 1], coef[:, ENT:ENT + 1]
+  a, b, c, e, lse, ent = (coef[:, k:k + 1] for k in (A, B, C, E, LSE, ENT))
   logp = jnp.where(ok, s - lse, NEG)
   p = jnp.exp(logp)
   g = b + p * (c - e * (logp + ent)) + jnp.where(cols == y, a, 0.0)

@@ -39,23 +39,19 @@ def _vocab_chunk(j, v, block_v):
   return jnp.minimum(own, v - block_v), own
 
 
-def _hide_dtype(w):
-  """Loop-carried view of w that XLA cannot upcast as a whole.
-
-  XLA:CPU has no bf16 matmul; it upcasts dot operands to f32 and then moves
-  that convert out of the loop, i.e. makes a full f32 copy of the
-  unembedding. Carrying the raw 16-bit pattern (restored per chunk in
-  `_w_chunk`) keeps the upcast at chunk size.
-  """
-  if w.dtype.itemsize != 2:
-    return w
-  return jax.lax.bitcast_convert_type(w, jnp.uint16), w.dtype
-
-
 def _w_chunk(w, v0, block_v):
-  w, dtype = w if isinstance(w, tuple) else (w, None)
-  w_c = jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=1)
-  return w_c if dtype is None else jax.lax.bitcast_convert_type(w_c, dtype)
+  return jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=1)
+
+
+def _opaque(ws):
+  """Makes loop-carried weights look loop-variant to XLA.
+
+  XLA:CPU cannot dynamic-slice bf16, so it upcasts the sliced operand; if w
+  is loop-invariant, that upcast of the *whole* w is hoisted out of the loop
+  (a full f32 copy of the unembedding). Behind a barrier the upcast stays
+  fused with the slice, at chunk size. A no-op on other backends.
+  """
+  return jax.lax.optimization_barrier(ws)
 
 
 def _tiles_at(ws, hs, v0, block_v):
@@ -84,18 +80,20 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
              for h, _ in pairs)
   rs = tuple(_pad_rows(r, n_blocks * bn, -1).reshape(n_blocks, bn, -1)
              for r in rows)
-  ws = tuple(_hide_dtype(w) for _, w in pairs)
+  ws = tuple(w for _, w in pairs)
 
   def token_block(args):
     h_blocks, r_blocks = args
 
     def body(j, carry):
+      carry, ws = carry
+      ws = _opaque(ws)
       v0, own = _vocab_chunk(j, v, bv)
       z = _tiles_at(ws, h_blocks, v0, bv)
       cols = _tiles.col_ids((1, bv), v0)
-      return fold(carry, z, cols, cols >= own, r_blocks)
+      return fold(carry, z, cols, cols >= own, r_blocks), ws
 
-    carry = jax.lax.fori_loop(0, v_blocks, body, init(bn))
+    carry, _ = jax.lax.fori_loop(0, v_blocks, body, (init(bn), ws))
     return finish(carry, r_blocks)
 
   outs = jax.lax.map(token_block, (hs, rs))
@@ -123,10 +121,10 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
   hs = tuple(_pad_rows(x, n_pad) for x, _ in pairs)
   rs = tuple(_pad_rows(r, n_pad, -1) for r in rows)
   row_ids = jnp.arange(n_pad, dtype=jnp.int32)[:, None]
-  ws = tuple(_hide_dtype(w) for _, w in pairs)
 
   def vocab_chunk(j, carry):
-    dh, dw = carry
+    dh, dw, ws = carry
+    ws = _opaque(ws)
     v0, own = _vocab_chunk(j, v, bv)
     w_c = _w_chunk(ws[0], v0, bv)
     cols = _tiles.col_ids((1, bv), v0)
@@ -148,10 +146,12 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
 
     dw_c = jnp.zeros(w_c.shape, jnp.float32)
     dh, dw_c = jax.lax.fori_loop(0, n_blocks, token_block, (dh, dw_c))
-    return dh, jax.lax.dynamic_update_slice_in_dim(
-        dw, dw_c.astype(dw.dtype), v0, axis=1)
+    dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0,
+                                             axis=1)
+    return dh, dw, ws
 
   dh0 = jnp.zeros((n_pad, h.shape[1]), jnp.float32)
   dw0 = jnp.zeros(w.shape, w.dtype)
-  dh, dw = jax.lax.fori_loop(0, v_blocks, vocab_chunk, (dh0, dw0))
+  ws = tuple(w for _, w in pairs)
+  dh, dw, _ = jax.lax.fori_loop(0, v_blocks, vocab_chunk, (dh0, dw0, ws))
   return dh[:n].astype(h.dtype), dw

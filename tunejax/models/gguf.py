@@ -278,31 +278,34 @@ _TOP_NAMES = {"embed/embedding": "token_embd.weight",
 
 def _unpermute_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
   """Inverts llama.cpp's Q/K row permutation (interleaved -> half RoPE)."""
+  # The converter moves HF row (h, r, i) (RoPE pairs split in halves, r in
+  # {0, 1}) to (h, i, r) (interleaved pairs); move it back.
   rows = w_OxI.shape[0]
-  w = w_OxI.reshape(n_heads, 2, rows // n_heads // 2, *w_OxI.shape[1:])
+  w = w_OxI.reshape(n_heads, rows // n_heads // 2, 2, *w_OxI.shape[1:])
   return w.swapaxes(1, 2).reshape(w_OxI.shape)
 
 
 def _convert(cfg: ModelConfig, gf: GGUFFile, name: str, gguf_name: str,
-             arch: str) -> np.ndarray:
-  """One tensor in tunejax layout (unstacked)."""
+             arch: str, want: tuple[int, ...]) -> np.ndarray:
+  """One tensor in tunejax layout (unstacked), checked against `want`."""
+  info = gf.tensors.get(gguf_name)
+  if info is None:
+    raise errors.ModelError(f"{gf.path}: missing tensor {gguf_name}")
+  kernel = name.endswith("/kernel")
+  if info.shape != (tuple(reversed(want)) if kernel else tuple(want)):
+    raise errors.ModelError(
+        f"{gf.path}: tensor {gguf_name}: shape {info.shape} ([out, in]) does "
+        f"not match the config's {tuple(want)} ([in, out])")
   x = gf.array(gguf_name)
   if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
     x = _unpermute_rows(x, cfg.n_heads)
   if arch == "llama" and gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
     x = _unpermute_rows(x, cfg.n_kv_heads)
-  if name.endswith("/kernel"):
+  if kernel:
     x = x.T
   if name.endswith("/scale"):
     x = x - np.float32(cfg.norm_offset)
   return x
-
-
-def _check_shape(gf: GGUFFile, gguf_name: str, got, want):
-  if tuple(got) != tuple(want):
-    raise errors.ModelError(
-        f"{gf.path}: tensor {gguf_name}: shape {tuple(got)} (tunejax layout) "
-        f"does not match the config's {tuple(want)}")
 
 
 def params_from_gguf(cfg: ModelConfig, gf: GGUFFile,
@@ -316,16 +319,11 @@ def params_from_gguf(cfg: ModelConfig, gf: GGUFFile,
   for name, spec in transformer.param_specs(cfg).items():
     if name.startswith("layers/"):
       local = name[len("layers/"):]
-      arrays = []
-      for i in range(cfg.n_layers):
-        gguf_name = f"blk.{i}.{_LAYER_NAMES[local]}"
-        x = _convert(cfg, gf, local, gguf_name, arch)
-        _check_shape(gf, gguf_name, x.shape, spec.shape[1:])
-        arrays.append(x)
-      x = np.stack(arrays)
+      x = np.stack([
+          _convert(cfg, gf, local, f"blk.{i}.{_LAYER_NAMES[local]}", arch,
+                   spec.shape[1:]) for i in range(cfg.n_layers)])
     else:
-      x = _convert(cfg, gf, name, _TOP_NAMES[name], arch)
-      _check_shape(gf, _TOP_NAMES[name], x.shape, spec.shape)
+      x = _convert(cfg, gf, name, _TOP_NAMES[name], arch, spec.shape)
     flat[name] = jnp.asarray(x, out_dtype)
   out: dict = {}
   for name, x in flat.items():

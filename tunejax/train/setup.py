@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -67,7 +68,9 @@ def make_loss(name: str, options: dict):
 
 
 class Run(NamedTuple):
-  """The static pieces of a run, built once."""
+  """The static pieces of a run, built once per static config and cached,
+  so repeated runs in one process (tests, notebooks, sweeps) reuse the
+  compiled steps."""
   model_cfg: Any
   method: peft.Method
   tx: optax.GradientTransformation
@@ -78,77 +81,125 @@ class Run(NamedTuple):
   batch_sharding: NamedSharding
   apply_fn: Any
   loss_fn: Any
+  jitted: dict  # compiled-step cache
 
 
-def create_state(cfg: Config, model_cfg, params, method, mesh, rules):
-  """Builds the TrainState directly sharded (shapes from `eval_shape`).
+_RUNS: dict = {}
 
-  Returns (state, state_shardings, tx, lr_schedule).
-  """
-  rng = jax.random.PRNGKey(cfg.seed)
-  k_init, k_peft = jax.random.split(jax.random.fold_in(rng, 1))
-  model_axes = models.param_axes(model_cfg)
-  repl = NamedSharding(mesh, P())
-  if params is None:
-    make_params = lambda: models.init(model_cfg, k_init)
-  else:
-    model_sh = sharding.tree_shardings(model_axes, params, mesh, rules)
-    params = jax.device_put(params, model_sh)
-    make_params = lambda: params
-  abstract_params = jax.eval_shape(make_params)
-  abstract_t, _ = jax.eval_shape(method.init, k_peft, abstract_params)
+
+def _run_key(cfg: Config, model_cfg) -> tuple:
+  return (model_cfg, cfg.peft, cfg.loss.name,
+          json.dumps(cfg.loss.options, sort_keys=True), cfg.optim,
+          cfg.total_steps, dataclasses.astuple(cfg.mesh)[:3],
+          json.dumps(cfg.mesh.rules, sort_keys=True), jax.device_count())
+
+
+def _keys(seed: int):
+  rng = jax.random.PRNGKey(seed)
+  return (rng, *jax.random.split(jax.random.fold_in(rng, 1)))
+
+
+def _make_state(params, rng, k_peft, *, method, tx) -> TrainState:
+  t, f = method.init(k_peft, params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=t, frozen=f,
+                    opt_state=tx.init(t), rng=rng)
+
+
+def _make_run(cfg: Config, model_cfg) -> Run:
+  """Mesh, optimizer and state shardings, all from abstract shapes."""
+  mesh = sharding.make_mesh(
+      {a: getattr(cfg.mesh, a) for a in sharding.MESH_AXES})
+  rules = sharding.resolve_rules(cfg.mesh.rules)
+  method = peft.get(cfg.peft)
+  rng, k_init, k_peft = _keys(cfg.seed)
+  params = jax.eval_shape(functools.partial(models.init, model_cfg), k_init)
+  abstract_t, _ = jax.eval_shape(method.init, k_peft, params)
   tx, sched = optim.make_tx(cfg.optim, abstract_t, cfg.total_steps)
-
-  def make():
-    t, f = method.init(k_peft, make_params())
-    return TrainState(step=jnp.zeros((), jnp.int32), params=t, frozen=f,
-                      opt_state=tx.init(t), rng=rng)
-
-  abstract = jax.eval_shape(make)
-  t_axes, f_axes = method.axes(model_axes)
+  abstract = jax.eval_shape(functools.partial(_make_state, method=method,
+                                              tx=tx), params, rng, k_peft)
+  t_axes, f_axes = method.axes(models.param_axes(model_cfg))
   t_sh = sharding.tree_shardings(t_axes, abstract.params, mesh, rules)
   f_sh = sharding.tree_shardings(f_axes, abstract.frozen, mesh, rules)
+  repl = NamedSharding(mesh, P())
   opt_sh = optax.tree_map_params(
       tx, lambda _, s: s, abstract.opt_state, t_sh,
       transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   state_sh = TrainState(step=repl, params=t_sh, frozen=f_sh,
                         opt_state=opt_sh, rng=repl)
-  state = jax.jit(make, out_shardings=state_sh)()
-  return state, state_sh, tx, sched
+  return Run(model_cfg=model_cfg, method=method, tx=tx, lr_schedule=sched,
+             mesh=mesh, rules=rules, state_shardings=state_sh,
+             batch_sharding=sharding.batch_sharding(mesh, rules),
+             apply_fn=make_apply(model_cfg, method),
+             loss_fn=make_loss(cfg.loss.name, cfg.loss.options), jitted={})
+
+
+def _init_fn(run: Run, pretrained: bool):
+  """Jitted (params | rng) -> TrainState, created directly sharded."""
+  key = ("init", pretrained)
+  if key not in run.jitted:
+    make = functools.partial(_make_state, method=run.method, tx=run.tx)
+    if pretrained:
+      model_sh = sharding.tree_shardings(
+          models.param_axes(run.model_cfg),
+          jax.eval_shape(functools.partial(models.init, run.model_cfg),
+                         jax.random.PRNGKey(0)),
+          run.mesh, run.rules)
+      fn = jax.jit(make, in_shardings=(model_sh, None, None),
+                   out_shardings=run.state_shardings)
+    else:
+      fn = jax.jit(
+          lambda k_init, rng, k_peft: make(
+              models.init(run.model_cfg, k_init), rng, k_peft),
+          out_shardings=run.state_shardings)
+    run.jitted[key] = fn
+  return run.jitted[key]
 
 
 def build(cfg: Config, model_cfg, params) -> tuple[TrainState, Run]:
-  mesh = sharding.make_mesh(
-      {a: getattr(cfg.mesh, a) for a in sharding.MESH_AXES})
-  rules = sharding.resolve_rules(cfg.mesh.rules)
-  method = peft.get(cfg.peft)
-  with sharding.use_rules(mesh, cfg.mesh.rules):
-    state, state_sh, tx, sched = create_state(
-        cfg, model_cfg, params, method, mesh, rules)
-  run = Run(model_cfg=model_cfg, method=method, tx=tx, lr_schedule=sched,
-            mesh=mesh, rules=rules, state_shardings=state_sh,
-            batch_sharding=sharding.batch_sharding(mesh, rules),
-            apply_fn=make_apply(model_cfg, method),
-            loss_fn=make_loss(cfg.loss.name, cfg.loss.options))
+  """(initial sharded TrainState, Run). `params` None = random init."""
+  key = _run_key(cfg, model_cfg)
+  if key not in _RUNS:
+    _RUNS[key] = _make_run(cfg, model_cfg)
+  run = _RUNS[key]
+  rng, k_init, k_peft = _keys(cfg.seed)
+  with sharding.use_rules(run.mesh, cfg.mesh.rules):
+    if params is None:
+      state = _init_fn(run, False)(k_init, rng, k_peft)
+    else:
+      state = _init_fn(run, True)(params, rng, k_peft)
   return state, run
 
 
+def _with_rules(fn, run: Run):
+  """Activates the run's sharding rules while `fn` is traced."""
+  def wrapped(*args):
+    with sharding.use_rules(run.mesh, run.rules):
+      return fn(*args)
+  return wrapped
+
+
 def jit_train_step(run: Run, micro_batches: int):
-  fn = functools.partial(step_lib.train_step, apply_fn=run.apply_fn,
-                         loss_fn=run.loss_fn, tx=run.tx,
-                         micro_batches=micro_batches)
-  repl = NamedSharding(run.mesh, P())
-  return jax.jit(fn, in_shardings=(run.state_shardings, run.batch_sharding,
-                                   repl),
-                 out_shardings=(run.state_shardings, repl),
-                 donate_argnums=0)
+  key = ("train", micro_batches)
+  if key not in run.jitted:
+    fn = functools.partial(step_lib.train_step, apply_fn=run.apply_fn,
+                           loss_fn=run.loss_fn, tx=run.tx,
+                           micro_batches=micro_batches)
+    repl = NamedSharding(run.mesh, P())
+    run.jitted[key] = jax.jit(
+        _with_rules(fn, run),
+        in_shardings=(run.state_shardings, run.batch_sharding, repl),
+        out_shardings=(run.state_shardings, repl), donate_argnums=0)
+  return run.jitted[key]
 
 
 def jit_eval_step(run: Run):
-  fn = functools.partial(step_lib.eval_step, apply_fn=run.apply_fn,
-                         loss_fn=run.loss_fn)
-  sh = run.state_shardings
-  repl = NamedSharding(run.mesh, P())
-  return jax.jit(fn, in_shardings=(sh.params, sh.frozen, run.batch_sharding),
-                 out_shardings=repl)
+  if "eval" not in run.jitted:
+    fn = functools.partial(step_lib.eval_step, apply_fn=run.apply_fn,
+                           loss_fn=run.loss_fn)
+    sh = run.state_shardings
+    run.jitted["eval"] = jax.jit(
+        _with_rules(fn, run),
+        in_shardings=(sh.params, sh.frozen, run.batch_sharding),
+        out_shardings=NamedSharding(run.mesh, P()))
+  return run.jitted["eval"]

@@ -1,0 +1,89 @@
+"""Sampling paths of `generate` (greedy parity with HF is in hf_test.py).
+
+Reference: teacher-forced `forward` over prompt + generated tokens, which
+must reproduce the KV-cache decode's log-probs and respect top-k.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tunejax import models
+
+CFG = models.preset("tiny-gemma3")  # Sliding window 8, local + global.
+PROMPTS = [[5, 9, 11], list(range(20, 32)), [7, 7, 7, 7, 7, 7]]
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = models.init(CFG, jax.random.key(0))
+  # Larger weights give peaked, tie-free distributions.
+  return jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, p)
+
+
+@pytest.fixture(scope="module")
+def greedy(params):
+  return models.generate(CFG, params, PROMPTS, 16, eos_id=-1)
+
+
+def _teacher_forced_logp(params, prompt, new):
+  seq = jnp.asarray([prompt + list(new)])
+  logp = jax.nn.log_softmax(models.forward(CFG, params, seq), axis=-1)[0]
+  n = len(prompt)
+  rows = logp[n - 1:n - 1 + len(new)]
+  return np.asarray(rows), np.asarray(jnp.take_along_axis(
+      rows, jnp.asarray(new)[:, None], axis=1)[:, 0])
+
+
+def test_greedy_equals_teacher_forced_argmax(params, greedy):
+  for i, prompt in enumerate(PROMPTS):
+    new = list(np.asarray(greedy.tokens_BxT[i]))
+    rows, lp = _teacher_forced_logp(params, prompt, new)
+    np.testing.assert_array_equal(rows.argmax(-1), new)
+    np.testing.assert_allclose(greedy.logps_BxT[i], lp, atol=1e-4)
+  assert list(greedy.lengths_B) == [16, 16, 16]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(params, greedy):
+  for kw in (dict(top_k=1), dict(top_p=1e-6)):
+    out = models.generate(CFG, params, PROMPTS, 16, temperature=0.7,
+                          rng=jax.random.key(3), eos_id=-1, **kw)
+    np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
+
+
+def test_top_k_sampling_logps_and_support(params):
+  out = models.generate(CFG, params, PROMPTS, 16, temperature=1.5, top_k=4,
+                        rng=jax.random.key(1), eos_id=-1)
+  again = models.generate(CFG, params, PROMPTS, 16, temperature=1.5,
+                          top_k=4, rng=jax.random.key(1), eos_id=-1)
+  np.testing.assert_array_equal(out.tokens_BxT, again.tokens_BxT)
+  for i, prompt in enumerate(PROMPTS):
+    new = list(np.asarray(out.tokens_BxT[i]))
+    rows, lp = _teacher_forced_logp(params, prompt, new)
+    rank = (rows > rows[np.arange(len(new)), new][:, None]).sum(-1)
+    assert rank.max() < 4
+    # Log-probs are under the raw logits, not the tempered distribution.
+    np.testing.assert_allclose(out.logps_BxT[i], lp, atol=1e-4)
+  assert not np.array_equal(out.tokens_BxT, models.generate(
+      CFG, params, PROMPTS, 16, temperature=1.5, top_k=4,
+      rng=jax.random.key(2), eos_id=-1).tokens_BxT)
+
+
+def test_per_row_eos_stop_and_padded_array_input(params, greedy):
+  eos = int(greedy.tokens_BxT[1, 3])  # Row 1 stops at step 3 (or earlier).
+  out = models.generate(CFG, params, PROMPTS, 16, eos_id=[eos, -5])
+  tok = np.asarray(out.tokens_BxT)
+  for i in range(3):
+    ref = list(np.asarray(greedy.tokens_BxT[i]))
+    n = ref.index(eos) + 1 if eos in ref else 16
+    assert out.lengths_B[i] == n
+    np.testing.assert_array_equal(tok[i, :n], ref[:n])
+    assert (tok[i, n:] == CFG.pad_id).all()
+    assert (np.asarray(out.logps_BxT)[i, n:] == 0).all()
+  assert out.lengths_B[1] <= 4
+  arr = np.zeros((3, 12), np.int32)
+  for i, p in enumerate(PROMPTS):
+    arr[i, :len(p)] = p
+  from_array = models.generate(CFG, params, arr, 16, eos_id=-1,
+                               lengths=[len(p) for p in PROMPTS])
+  np.testing.assert_array_equal(from_array.tokens_BxT, greedy.tokens_BxT)

@@ -1,0 +1,209 @@
+"""Model internals: packing, the PEFT seam, scan/loop/remat, sharding, axes.
+
+References are independent computations: separate runs per document,
+weight-merged equivalents of seam adapters, float64 numpy formulas.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tunejax import errors, sharding
+from tunejax import models
+from tunejax.models import Seam
+
+TINY_GEMMA = models.preset("tiny-gemma3")
+TINY = models.preset("tiny")
+_fwd = jax.jit(models.forward, static_argnums=0, static_argnames="seam")
+
+
+@pytest.fixture(scope="module")
+def nets():
+  return {name: (c, models.init(c, jax.random.key(i)))
+          for i, (name, c) in enumerate(
+              [("llama", TINY), ("gemma3", TINY_GEMMA)])}
+
+
+def _rand_like_tree(tree, key, scale):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([x + scale * jax.random.normal(k, x.shape)
+                            for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_packed_row_equals_separate_documents(family, nets):
+  cfg, params = nets[family]
+  params = _rand_like_tree(params, jax.random.key(7), 0.05)
+  lengths = (9, 14, 9)  # Each longer than the gemma3 window (8).
+  docs = [np.random.RandomState(i).randint(3, 256, (1, n))
+          for i, n in enumerate(lengths)]
+  tokens = np.concatenate(docs, axis=1)
+  segs = np.concatenate([np.full((1, n), i + 1) for i, n in
+                         enumerate(lengths)], axis=1)
+  pos = np.concatenate([np.arange(n)[None] for n in lengths], axis=1)
+  packed = np.asarray(_fwd(cfg, params, jnp.asarray(tokens),
+                                     jnp.asarray(pos), jnp.asarray(segs)))
+  start = 0
+  for doc, n in zip(docs, lengths):
+    alone = np.asarray(_fwd(cfg, params, jnp.asarray(doc)))
+    np.testing.assert_allclose(packed[:, start:start + n], alone, atol=1e-5,
+                               rtol=0)
+    start += n
+
+
+@dataclasses.dataclass(frozen=True)
+class _AddSeam(Seam):
+  """Test seam: LoRA-style x@A@B on linears, scales at hooks, embed delta."""
+
+  def linear(self, name, x, kernel, bias, adapters):
+    y = super().linear(name, x, kernel, bias, adapters)
+    if "a" in adapters:
+      y = y + x @ adapters["a"] @ adapters["b"]
+    return y
+
+  def embed(self, tokens, table, adapters):
+    return super().embed(tokens, table + adapters.get("delta", 0.0), {})
+
+  def act(self, name, x, adapters):
+    return x * adapters["scale"] if "scale" in adapters else x
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_seam_matches_merged_weights(scan, nets):
+  cfg, params = nets["gemma3"]
+  cfg = cfg.replace(scan_layers=scan)
+  n, d, r, k = cfg.n_layers, cfg.d_model, 3, cfg.head_dim
+  g, h, f = cfg.n_kv_heads, cfg.n_heads, cfg.mlp_dim
+  rs = np.random.RandomState(0)
+  rnd = lambda *s: jnp.asarray(rs.normal(0, 0.1, s), jnp.float32)
+  # 'attn/k' acts after k-norm and RoPE; a per-layer scale equal on both
+  # rotary halves commutes with the rotation, so it equals scaling the
+  # (1 + w) k-norm multiplier.
+  k_half = 1 + rnd(n, 1, k // 2)
+  adapters = {
+      "embed": {"delta": rnd(cfg.vocab_size, d)},
+      "layers": {
+          "attn": {"q": {"a": rnd(n, d, r), "b": rnd(n, r, h * k)},
+                   "k": {"scale": jnp.concatenate([k_half, k_half], -1)},
+                   "v": {"scale": 1 + rnd(n, g, k)},
+                   "heads": {"scale": 1 + rnd(n, h, k)}},
+          "mlp": {"down": {"a": rnd(n, f, r), "b": rnd(n, r, d)},
+                  "hidden": {"scale": 1 + rnd(n, f)}}}}
+  lay = adapters["layers"]
+  merged = jax.tree.map(lambda x: x, params)
+  at, mp = merged["layers"]["attn"], merged["layers"]["mlp"]
+  merged["embed"]["embedding"] += adapters["embed"]["delta"]
+  at["q"]["kernel"] += lay["attn"]["q"]["a"] @ lay["attn"]["q"]["b"]
+  kn = at["k_norm"]
+  kn["scale"] = (1 + kn["scale"]) * lay["attn"]["k"]["scale"][:, 0] - 1
+  at["v"]["kernel"] *= lay["attn"]["v"]["scale"].reshape(n, 1, g * k)
+  at["o"]["kernel"] *= lay["attn"]["heads"]["scale"].reshape(n, h * k, 1)
+  # The hook scales the down projection's input, LoRA path included.
+  mp["down"]["kernel"] = ((mp["down"]["kernel"]
+                           + lay["mlp"]["down"]["a"] @ lay["mlp"]["down"]["b"])
+                          * lay["mlp"]["hidden"]["scale"][:, :, None])
+  tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, 20)))
+  got = _fwd(cfg, params, tokens, adapters=adapters, seam=_AddSeam())
+  # The embedding is tied; the seam's embed delta does not touch the
+  # unembedding, so the reference uses the original one.
+  want = models.hidden(cfg, merged, tokens) @ models.unembedding(cfg, params)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  # The tied unembedding is not adapted: a LoRA on the hidden path changes
+  # logits, the empty seam on plain params does not.
+  plain = models.forward(cfg, params, tokens, seam=_AddSeam())
+  np.testing.assert_array_equal(plain, models.forward(cfg, params, tokens))
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_scan_loop_and_remat_agree(remat, nets):
+  cfg, params = nets["gemma3"]
+  tokens = jnp.asarray(np.random.RandomState(2).randint(0, 256, (2, 16)))
+
+  def loss(p, c):
+    return jnp.mean(models.forward(c, p, tokens) ** 2)
+
+  vg = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  base = vg(params, cfg.replace(scan_layers=False))
+  got = vg(params, cfg.replace(remat=remat))
+  np.testing.assert_allclose(got[0], base[0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(base[1])):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_params_and_compute(nets):
+  cfg, params = nets["llama"]
+  cfg16 = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+  p16 = models.init(cfg16, jax.random.key(1))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
+  p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 16)))
+  h = models.hidden(cfg16, p16, tokens)
+  assert h.dtype == jnp.bfloat16
+  lo = models.forward(cfg16, p16, tokens)
+  hi = models.forward(cfg, params, tokens)
+  assert lo.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(lo - hi))) < 0.02 * float(jnp.max(jnp.abs(hi)))
+
+
+def test_hidden_unembedding_forward_consistent(nets):
+  for cfg, params in nets.values():
+    tokens = jnp.arange(10)[None] % cfg.vocab_size
+    h = models.hidden(cfg, params, tokens)
+    w = models.unembedding(cfg, params)
+    assert w.shape == (cfg.d_model, cfg.vocab_size)
+    np.testing.assert_allclose(models.forward(cfg, params, tokens), h @ w,
+                               atol=1e-6)
+
+
+def test_param_axes_cover_params_with_matching_rank():
+  for name in ("tiny", "tiny-gemma3", "qwen2.5-0.5b", "gemma2-2b"):
+    cfg = models.preset(name)
+    shapes = jax.eval_shape(lambda c=cfg: models.init(c, jax.random.key(0)))
+    axes = models.param_axes(cfg)
+    is_axes = lambda x: isinstance(x, tuple)
+    assert (jax.tree.structure(axes, is_leaf=is_axes)
+            == jax.tree.structure(shapes))
+    for a, s in zip(jax.tree.leaves(axes, is_leaf=is_axes),
+                    jax.tree.leaves(shapes)):
+      assert len(a) == len(s.shape)
+    assert cfg.n_params() == sum(
+        int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
+
+def test_sharded_forward_equals_single_device(nets):
+  cfg, params = nets["gemma3"]
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding.resolve_rules()
+  shard = sharding.tree_shardings(models.param_axes(cfg), params, mesh, rules)
+  placed = jax.device_put(params, shard)
+  assert placed["layers"]["mlp"]["up"]["kernel"].sharding.spec == (
+      jax.sharding.PartitionSpec(None, "fsdp", "tensor"))
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, 256, (4, 16)))
+  with sharding.use_rules(mesh):
+    got = jax.jit(models.forward, static_argnums=0)(cfg, placed, tokens)
+  np.testing.assert_allclose(got, models.forward(cfg, params, tokens),
+                             atol=1e-5)
+
+
+def test_flops_per_token_formula():
+  cfg = models.preset("tiny-gemma3")  # One local (window 8), one global.
+  d, k, h, g, f, v = 64, 16, 4, 2, 128, 256
+  dense = 2 * (d * h * k * 2 + d * g * k * 2 + 3 * d * f) + d * v
+  t = 32
+  assert cfg.flops_per_token(t) == 6 * dense + 12 * h * k * (8 + t)
+
+
+def test_presets_and_errors():
+  assert models.preset("gemma3-270m").n_params() == 268_098_176
+  assert models.preset("llama3-8b").n_params() == 8_030_261_248
+  assert models.preset("tiny", n_layers=3).layer_types == ("global",) * 3
+  with pytest.raises(errors.ModelError, match="tiny-gemma3"):
+    models.preset("nope")
+  with pytest.raises(errors.ConfigError, match="n_kv_heads"):
+    models.ModelConfig(n_heads=4, n_kv_heads=3)
+  with pytest.raises(errors.ConfigError, match="sliding_window"):
+    models.ModelConfig(family="gemma2", n_layers=2)
+  hash(models.preset("llama3.2-1b"))  # dict rope_scaling stays hashable.

@@ -1,0 +1,167 @@
+"""Pallas TPU (Mosaic) bodies of token_stats.
+
+Grid-pipelined: BlockSpecs stream (block_n, D) rows of h and (D, block_v)
+columns of w through VMEM; the reduction axis is the last ("arbitrary") grid
+axis and running values live in VMEM scratch. Tiling rules: block_n is a
+multiple of 8, block_v of 128 (or the whole V), D is never split (a full
+dimension is always a legal block), per-token vectors are (block_n, 1).
+
+Backward is two kernels that each recompute the logit tile: dh reduces over
+vocabulary blocks, dw over token blocks (TPU output blocks must be revisited
+consecutively, so one kernel cannot reduce both).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from tunejax.kernels import _tiles
+
+
+def _blocks(n, v, cfg):
+  block_v = v if v <= cfg.block_v else cfg.block_v
+  if block_v != v and block_v % 128:
+    raise ValueError(f"pallas_tpu block_v={block_v} must be a multiple of 128")
+  block_n = min(cfg.block_n, -(-n // 8) * 8)
+  if block_n % 8:
+    raise ValueError(f"pallas_tpu block_n={block_n} must be a multiple of 8")
+  return block_n, block_v
+
+
+def _pad_rows(x, rows):
+  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _params(interpret):
+  sem = ("parallel", "arbitrary")
+  return dict(interpret=interpret,
+              compiler_params=pltpu.CompilerParams(dimension_semantics=sem))
+
+
+def _scaled_tile(h_ref, w_ref, v_block, block_v, vocab, sc):
+  """Scaled logits of this tile, its column ids and the in-vocab mask."""
+  w = w_ref[...]
+  cols = _tiles.col_ids((1, block_v), v_block * block_v)
+  if vocab % block_v:
+    # The last block reads past V: zero it so garbage cannot reach a dot.
+    w = jnp.where(cols < vocab, w, jnp.zeros_like(w))
+  s = _tiles.scale_logits(_tiles.matmul(h_ref[...], w), sc)
+  return s, cols, cols < vocab, w
+
+
+def _fwd_kernel(h_ref, w_ref, y_ref, logp_ref, lse_ref, ent_ref, smooth_ref,
+                *acc_refs, sc, vocab, block_v):
+  j = pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _():
+    for ref, x in zip(acc_refs, _tiles.init_stats(y_ref.shape[0])):
+      ref[...] = x
+
+  s, cols, col_ok, _ = _scaled_tile(h_ref, w_ref, j, block_v, vocab, sc)
+  y = y_ref[...]
+  st = _tiles.Stats(*(ref[...] for ref in acc_refs))
+  st = _tiles.update_stats(st, s, cols, col_ok, y)
+  for ref, x in zip(acc_refs, st):
+    ref[...] = x
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _():
+    outs = _tiles.finalize_stats(st, y, vocab)
+    for ref, x in zip((logp_ref, lse_ref, ent_ref, smooth_ref), outs):
+      ref[...] = x
+
+
+def forward(h, w, y, cfg):
+  n, (d, v) = h.shape[0], w.shape
+  bn, bv = _blocks(n, v, cfg)
+  n_pad = -(-n // bn) * bn
+  col = lambda i, j: (i, 0)
+  outs = pl.pallas_call(
+      functools.partial(_fwd_kernel, sc=cfg.scaling, vocab=v, block_v=bv),
+      grid=(n_pad // bn, pl.cdiv(v, bv)),
+      in_specs=[pl.BlockSpec((bn, d), col),
+                pl.BlockSpec((d, bv), lambda i, j: (0, j)),
+                pl.BlockSpec((bn, 1), col)],
+      out_specs=[pl.BlockSpec((bn, 1), col)] * 4,
+      out_shape=[jax.ShapeDtypeStruct((n_pad, 1), jnp.float32)] * 4,
+      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * len(_tiles.Stats._fields),
+      **_params(cfg.interpret),
+  )(_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad))
+  return jnp.concatenate(outs, axis=1)[:n]
+
+
+def _grad_tile(h_ref, w_ref, y_ref, coef_ref, i, j, *, sc, vocab, rows,
+               block_n, block_v):
+  """dL/dz of tile (i, j) and the (masked) w block it came from."""
+  s, cols, col_ok, w = _scaled_tile(h_ref, w_ref, j, block_v, vocab, sc)
+  row_ids = i * block_n + jax.lax.broadcasted_iota(jnp.int32, (block_n, 1), 0)
+  ok = jnp.logical_and(col_ok, row_ids < rows)
+  g = _tiles.stats_grad(s, cols, ok, y_ref[...], coef_ref)
+  return _tiles.unscale_grad(g, s, sc), w
+
+
+def _dh_kernel(h_ref, w_ref, y_ref, coef_ref, dh_ref, acc_ref, **kw):
+  i, j = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(j == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  g, w = _grad_tile(h_ref, w_ref, y_ref, coef_ref, i, j, **kw)
+  acc_ref[...] += _tiles.matmul_nt(g, w)
+
+  @pl.when(j == pl.num_programs(1) - 1)
+  def _():
+    dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
+
+
+def _dw_kernel(h_ref, w_ref, y_ref, coef_ref, dw_ref, acc_ref, **kw):
+  j, i = pl.program_id(0), pl.program_id(1)
+
+  @pl.when(i == 0)
+  def _():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  g, _ = _grad_tile(h_ref, w_ref, y_ref, coef_ref, i, j, **kw)
+  acc_ref[...] += _tiles.matmul_tn(h_ref[...], g)
+
+  @pl.when(i == pl.num_programs(1) - 1)
+  def _():
+    dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
+
+
+def backward(h, w, y, coef, cfg):
+  n, (d, v) = h.shape[0], w.shape
+  bn, bv = _blocks(n, v, cfg)
+  n_pad = -(-n // bn) * bn
+  nb, vb = n_pad // bn, pl.cdiv(v, bv)
+  kw = dict(sc=cfg.scaling, vocab=v, rows=n, block_n=bn, block_v=bv)
+  args = (_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad),
+          _pad_rows(coef, n_pad))
+
+  def specs(ij):  # ij: grid indices -> (token block, vocab block)
+    return [pl.BlockSpec((bn, d), lambda *g: (ij(*g)[0], 0)),
+            pl.BlockSpec((d, bv), lambda *g: (0, ij(*g)[1])),
+            pl.BlockSpec((bn, 1), lambda *g: (ij(*g)[0], 0)),
+            pl.BlockSpec((bn, _tiles.N_COEFS), lambda *g: (ij(*g)[0], 0))]
+
+  dh = pl.pallas_call(
+      functools.partial(_dh_kernel, **kw), grid=(nb, vb),
+      in_specs=specs(lambda i, j: (i, j)),
+      out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((n_pad, d), h.dtype),
+      scratch_shapes=[pltpu.VMEM((bn, d), jnp.float32)],
+      **_params(cfg.interpret),
+  )(*args)
+  dw = pl.pallas_call(
+      functools.partial(_dw_kernel, **kw), grid=(vb, nb),
+      in_specs=specs(lambda j, i: (i, j)),
+      out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
+      out_shape=jax.ShapeDtypeStruct((d, v), w.dtype),
+      scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
+      **_params(cfg.interpret),
+  )(*args)
+  return dh[:n], dw
