@@ -4,9 +4,10 @@ Intentionally short: flags, multi-host init, config validation, dispatch.
 A `TunejaxError` is printed as one line (no traceback) with exit code 2.
 """
 import os
+import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +28,9 @@ def _main(argv):
   if _COORD.value or _DIST.value:
     # Must precede any other JAX call so every host joins one runtime.
     jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+  if not any(a.startswith(("-v", "--verbosity")) for a in sys.argv[1:]):
+    # Orbax/absl INFO chatter would bury the progress bar; -v 0 restores it.
+    logging.set_verbosity(logging.WARNING)
   # Partitionable threefry: random bits do not depend on the sharding.
   jax.config.update("jax_threefry_partitionable", True)
   from tunejax import errors, train  # pylint: disable=g-import-not-at-top
@@ -41,9 +45,27 @@ def _main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with config-override mistakes as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    raw = str(e)
+    msg = " ".join(raw.split())
+    if isinstance(e, (AttributeError, KeyError)):
+      bad = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                  and re.search(rf"\b{a.split('=')[0].rsplit('.', 1)[-1]}\b",
+                                raw)), "--config")
+      hint = re.search(r'Did you mean "([^"]+)"', raw)
+      msg = f"{bad}: unknown config key" + (
+          f" (did you mean '{hint.group(1)}'?)" if hint else "")
+    print(f"tunejax: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
   try:
-    app.run(_main)
+    app.run(_main, flags_parser=_parse_flags)
   except KeyboardInterrupt:
     sys.exit(130)
 

@@ -68,7 +68,7 @@ def generate_texts(run, state, prompt_ids, tokenizer, max_new_tokens,
                         rng=jax.random.PRNGKey(seed),
                         eos_id=tokenizer.eos_id, adapters=adapters,
                         seam=run.method.seam)
-  tokens = np.asarray(out.tokens)
-  lengths = np.asarray(out.lengths)
+  tokens = np.asarray(out.tokens_BxT)
+  lengths = np.asarray(out.lengths_B)
   return [tokenizer.decode([int(t) for t in row[:n]])
           for row, n in zip(tokens, lengths)]

@@ -1,0 +1,100 @@
+"""Forward and greedy-decode throughput: tunejax vs transformers (CPU, f32).
+
+Same weights on both sides (the random HF model is saved and loaded by
+tunejax). Prints tokens/s and the tunejax / transformers ratios.
+
+  python bench/forward.py [--d 512 --layers 8 --batch 8 --prompt 64 --new 128]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from tunejax import models
+
+
+def _best_of(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--d", type=int, default=512)
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--heads", type=int, default=8)
+  ap.add_argument("--kv_heads", type=int, default=8)
+  ap.add_argument("--mlp", type=int, default=1408)
+  ap.add_argument("--vocab", type=int, default=32_000)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--prompt", type=int, default=64)
+  ap.add_argument("--new", type=int, default=128)
+  ap.add_argument("--forward_len", type=int, default=256)
+  ap.add_argument("--repeats", type=int, default=3)
+  args = ap.parse_args()
+
+  torch.manual_seed(0)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=args.vocab, hidden_size=args.d, intermediate_size=args.mlp,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+      num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
+      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+      pad_token_id=0)
+  hf = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+  with tempfile.TemporaryDirectory() as d:
+    hf.save_pretrained(d)
+    cfg, params = models.load(d)
+  print(f"llama d={args.d} layers={args.layers} params={cfg.n_params():,} "
+        f"batch={args.batch} torch_threads={torch.get_num_threads()} "
+        f"jax={jax.devices()[0].platform}")
+
+  rs = np.random.RandomState(0)
+  fwd_tokens = rs.randint(3, args.vocab, (args.batch, args.forward_len))
+  prompts = rs.randint(3, args.vocab, (args.batch, args.prompt))
+
+  # Forward.
+  fwd = jax.jit(models.forward, static_argnums=0)
+  x = jnp.asarray(fwd_tokens)
+  fwd(cfg, params, x).block_until_ready()
+  t_jax = _best_of(lambda: fwd(cfg, params, x).block_until_ready(),
+                   args.repeats)
+  xt = torch.tensor(fwd_tokens)
+  with torch.no_grad():
+    hf(xt)
+    t_hf = _best_of(lambda: hf(xt), args.repeats)
+  n = fwd_tokens.size
+  print(f"forward  tokens/s: tunejax {n / t_jax:10.1f}   transformers "
+        f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
+
+  # Greedy decode (prefill included; every row runs all new tokens).
+  plist = [list(p) for p in prompts]
+  gen = lambda: models.generate(cfg, params, plist, args.new,
+                                eos_id=-1).tokens_BxT.block_until_ready()
+  gen()
+  t_jax = _best_of(gen, args.repeats)
+  pt = torch.tensor(prompts)
+  with torch.no_grad():
+    hf_gen = lambda: hf.generate(pt, attention_mask=torch.ones_like(pt),
+                                 max_new_tokens=args.new,
+                                 min_new_tokens=args.new, do_sample=False,
+                                 pad_token_id=0)
+    hf_gen()
+    t_hf = _best_of(hf_gen, args.repeats)
+  n = args.batch * args.new
+  print(f"decode   tokens/s: tunejax {n / t_jax:10.1f}   transformers "
+        f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
