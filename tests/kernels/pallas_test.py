@@ -1,4 +1,4 @@
-"""Pallas TPU/GPU bodies: interpret-mode numerics and cross-platform lowering."""
+"""Pallas TPU/GPU bodies: interpret-mode numerics and accelerator lowering."""
 import re
 
 import jax

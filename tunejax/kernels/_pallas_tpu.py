@@ -19,6 +19,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from tunejax.kernels import _tiles
 
+_N_STATS = len(_tiles.Stats._fields)
+
 
 def _blocks(n, v, cfg):
   block_v = v if v <= cfg.block_v else cfg.block_v
@@ -34,10 +36,20 @@ def _pad_rows(x, rows):
   return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def _params(interpret):
-  sem = ("parallel", "arbitrary")
-  return dict(interpret=interpret,
-              compiler_params=pltpu.CompilerParams(dimension_semantics=sem))
+def _params(interpret, block_n, block_v, d, itemsize):
+  """Grid semantics and a scoped-VMEM limit sized to the blocks.
+
+  The default scoped VMEM (16 MiB on most chips) is too small for
+  double-buffered (D, block_v) weight blocks plus a (block_n or block_v, D)
+  float32 accumulator once D reaches a few thousand; 64 MiB fits every
+  current TPU generation.
+  """
+  need = (2 * (block_n + block_v) * d * itemsize      # double-buffered inputs
+          + 6 * block_n * block_v * 4                 # logit tile temporaries
+          + max(block_n, block_v) * d * (4 + 2 * itemsize))  # acc + output
+  limit = int(min(max(2 * need, 32 * 2**20), 64 * 2**20))
+  return dict(interpret=interpret, compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=limit))
 
 
 def _scaled_tile(h_ref, w_ref, v_block, block_v, vocab, sc):
@@ -87,8 +99,8 @@ def forward(h, w, y, cfg):
                 pl.BlockSpec((bn, 1), col)],
       out_specs=[pl.BlockSpec((bn, 1), col)] * 4,
       out_shape=[jax.ShapeDtypeStruct((n_pad, 1), jnp.float32)] * 4,
-      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * len(_tiles.Stats._fields),
-      **_params(cfg.interpret),
+      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * _N_STATS,
+      **_params(cfg.interpret, bn, bv, d, w.dtype.itemsize),
   )(_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad))
   return jnp.concatenate(outs, axis=1)[:n]
 
@@ -139,6 +151,7 @@ def backward(h, w, y, coef, cfg):
   n_pad = -(-n // bn) * bn
   nb, vb = n_pad // bn, pl.cdiv(v, bv)
   kw = dict(sc=cfg.scaling, vocab=v, rows=n, block_n=bn, block_v=bv)
+  params = _params(cfg.interpret, bn, bv, d, w.dtype.itemsize)
   args = (_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad),
           _pad_rows(coef, n_pad))
 
@@ -154,7 +167,7 @@ def backward(h, w, y, coef, cfg):
       out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
       out_shape=jax.ShapeDtypeStruct((n_pad, d), h.dtype),
       scratch_shapes=[pltpu.VMEM((bn, d), jnp.float32)],
-      **_params(cfg.interpret),
+      **params,
   )(*args)
   dw = pl.pallas_call(
       functools.partial(_dw_kernel, **kw), grid=(vb, nb),
@@ -162,6 +175,6 @@ def backward(h, w, y, coef, cfg):
       out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
       out_shape=jax.ShapeDtypeStruct((d, v), w.dtype),
       scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
-      **_params(cfg.interpret),
+      **params,
   )(*args)
   return dh[:n], dw

@@ -49,14 +49,17 @@ def _opaque(ws):
   XLA:CPU cannot dynamic-slice bf16, so it upcasts the sliced operand; if w
   is loop-invariant, that upcast of the *whole* w is hoisted out of the loop
   (a full f32 copy of the unembedding). Behind a barrier the upcast stays
-  fused with the slice, at chunk size. A no-op on other backends.
+  fused with the slice, at chunk size. Elsewhere the barrier is an identity.
   """
   return jax.lax.optimization_barrier(ws)
 
 
-def _tiles_at(ws, hs, v0, block_v):
-  return tuple(_tiles.matmul(h, _w_chunk(w, v0, block_v))
-               for h, w in zip(hs, ws))
+def _chunks(ws, v0, block_v):
+  return tuple(_w_chunk(w, v0, block_v) for w in ws)
+
+
+def _logits(hs, w_chunks):
+  return tuple(_tiles.matmul(h, w_c) for h, w_c in zip(hs, w_chunks))
 
 
 def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
@@ -65,7 +68,7 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
 
   Args:
     pairs: tuple of (h_NxD, w_DxV).
-    rows: per-token arrays `[N, k]` (padded rows get -1 / 0).
+    rows: per-token arrays `[N, k]` (padded rows get -1).
     init: rows_in_block -> carry.
     fold: (carry, z_tiles, cols, col_ok, row_blocks) -> carry.
     finish: (carry, row_blocks) -> tuple of `[T, k]` outputs.
@@ -89,7 +92,7 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
       carry, ws = carry
       ws = _opaque(ws)
       v0, own = _vocab_chunk(j, v, bv)
-      z = _tiles_at(ws, h_blocks, v0, bv)
+      z = _logits(h_blocks, _chunks(ws, v0, bv))
       cols = _tiles.col_ids((1, bv), v0)
       return fold(carry, z, cols, cols >= own, r_blocks), ws
 
@@ -126,7 +129,7 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
     dh, dw, ws = carry
     ws = _opaque(ws)
     v0, own = _vocab_chunk(j, v, bv)
-    w_c = _w_chunk(ws[0], v0, bv)
+    w_cs = _chunks(ws, v0, bv)
     cols = _tiles.col_ids((1, bv), v0)
 
     def token_block(i, inner):
@@ -134,17 +137,17 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
       t0 = i * bn
       take = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, bn, axis=0)
       h_b = tuple(take(x) for x in hs)
-      z = _tiles_at(ws, h_b, v0, bv)
+      z = _logits(h_b, w_cs)
       g = grad(z, cols, take(row_ids) < n, tuple(take(r) for r in rs))
       # A chunk sums over all tokens, so its dw columns are complete even
       # where it overlaps the previous chunk (rewritten with equal values);
       # dh must count those overlap columns only once.
       g_own = jnp.where(cols >= own, g, 0.0)
-      dh_b = take(dh) + _tiles.matmul_nt(g_own, w_c)
+      dh_b = take(dh) + _tiles.matmul_nt(g_own, w_cs[0])
       dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_b, t0, axis=0)
       return dh, dw_c + _tiles.matmul_tn(h_b[0], g)
 
-    dw_c = jnp.zeros(w_c.shape, jnp.float32)
+    dw_c = jnp.zeros(w_cs[0].shape, jnp.float32)
     dh, dw_c = jax.lax.fori_loop(0, n_blocks, token_block, (dh, dw_c))
     dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0,
                                              axis=1)

@@ -159,6 +159,7 @@ def _impl(cfg: Config):
   if cfg.impl == "xla":
     return _xla_forward, _xla_backward
   if cfg.impl == "pallas_tpu":
+    # Imported lazily: Pallas is only needed when asked for.
     from tunejax.kernels import _pallas_tpu  # pylint: disable=g-import-not-at-top
     return _pallas_tpu.forward, _pallas_tpu.backward
   from tunejax.kernels import _pallas_gpu  # pylint: disable=g-import-not-at-top

@@ -8,3 +8,5 @@ back into plain params for export (`merged`).
 from tunejax.peft.base import Method, PeftConfig, get, register
 
 __all__ = ["Method", "PeftConfig", "get", "register"]
+
+from tunejax.peft import lora  # noqa: E402,F401  (registers lora, rslora)

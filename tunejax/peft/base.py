@@ -11,7 +11,7 @@ from tunejax.models.seam import Seam
 
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-  method: str = "none"            # none (full FT) | freeze | lora | rslora
+  method: str = "none"  # none (full FT) | freeze | lora | rslora
   # 'freeze': regexes over param names that stay trainable (others frozen).
   trainable: tuple[str, ...] = (".*",)
   # LoRA family.

@@ -1,0 +1,88 @@
+"""LoRA / rsLoRA: identity at init, merge equivalence, trainable-only state."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tunejax import config as config_lib, models, peft, tree
+from tunejax.train import setup
+from tests.train.helpers import random_batch, tiny_config
+
+CFG = models.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def base():
+  params = models.init(CFG, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
+  return params, tokens
+
+
+def _method(**kw):
+  return peft.get(config_lib.build(peft.PeftConfig, kw, "peft"))
+
+
+@pytest.mark.parametrize("name", ["lora", "rslora"])
+def test_init_is_identity_and_merge_matches(base, name):
+  params, tokens = base
+  m = _method(method=name, rank=4, alpha=8.0)
+  ad, frozen = m.init(jax.random.PRNGKey(2), params)
+  ref = models.forward(CFG, params, tokens)
+  out = models.forward(CFG, frozen, tokens, adapters=ad, seam=m.seam)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  # Non-zero B: merged weights give the adapted forward.
+  ad = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(
+      jax.random.PRNGKey(3), x.shape), ad)
+  out = models.forward(CFG, frozen, tokens, adapters=ad, seam=m.seam)
+  merged = models.forward(CFG, m.merged(ad, frozen), tokens)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(merged), atol=1e-5)
+  assert np.abs(np.asarray(out) - np.asarray(ref)).max() > 1e-3
+
+
+def test_scaling_and_manual_delta(base):
+  params, _ = base
+  for name, s in (("lora", 8.0 / 4), ("rslora", 8.0 / 2)):
+    m = _method(method=name, rank=4, alpha=8.0,
+                targets=(r"layers/attn/q",))
+    ad, frozen = m.init(jax.random.PRNGKey(2), params)
+    ad = jax.tree.map(lambda x: x + 0.1, ad)
+    a = np.asarray(ad["layers"]["attn"]["q"]["lora_a"], np.float64)
+    b = np.asarray(ad["layers"]["attn"]["q"]["lora_b"], np.float64)
+    w = np.asarray(params["layers"]["attn"]["q"]["kernel"], np.float64)
+    got = np.asarray(m.merged(ad, frozen)["layers"]["attn"]["q"]["kernel"])
+    np.testing.assert_allclose(got, w + s * a @ b, atol=1e-6)
+    # Kaiming-uniform bound 1/sqrt(in), B zero at init.
+    a0, _ = m.init(jax.random.PRNGKey(2), params)
+    d_in = w.shape[-2]
+    assert np.abs(np.asarray(a0["layers"]["attn"]["q"]["lora_a"])).max() <= (
+        1 / np.sqrt(d_in))
+
+
+def test_unknown_target_is_config_error(base):
+  params, _ = base
+  m = _method(method="lora", targets=(r"layers/attn/qq",))
+  with pytest.raises(Exception, match="matches no module"):
+    m.init(jax.random.PRNGKey(0), params)
+
+
+def test_lora_training_touches_only_adapters():
+  cfg = tiny_config(peft={"method": "lora", "rank": 4, "alpha": 8.0},
+                    optim={"lr": 1e-2})
+  model_cfg, _ = setup.load_model(cfg.model)
+  state, run = setup.build(cfg, model_cfg, None)
+  frozen0 = jax.device_get(state.frozen)
+  step = setup.jit_train_step(run, 1)
+  from tunejax import data
+  losses = []
+  for i in range(4):
+    b = data.to_global(random_batch(i % 2), run.mesh, run.batch_sharding)
+    state, m = step(state, b, jax.random.PRNGKey(0))
+    losses.append(float(m["loss"]))
+  assert losses[-1] < losses[0]
+  names = set(tree.flatten(state.params))
+  assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
+  for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves(state.frozen)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  adam_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)
+                   if x.ndim > 0)
+  assert adam_bytes == 2 * tree.nbytes(state.params)
