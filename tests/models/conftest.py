@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                initializer_range=0.1, bos_token_id=1, eos_token_id=2,
@@ -13,7 +12,7 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
 
 
 def _hf_configs():
-  tr = transformers
+  import transformers as tr  # pylint: disable=import-outside-toplevel
   return {
       # llama3 rope scaling with a short original context so positions
       # 0..40 see all three frequency regimes.
@@ -39,10 +38,9 @@ def _hf_configs():
   }
 
 
-FAMILIES = tuple(_hf_configs())
-
-
 def _build(family, hf_cfg, path):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
   torch.manual_seed(FAMILIES.index(family))
   # Eager attention: HF's sdpa path silently drops Gemma 2's attention
   # softcap (measured 0.58 max logit error), eager is the reference.
@@ -61,6 +59,8 @@ def _build(family, hf_cfg, path):
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
   """{family: (torch model, saved dir)}."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
   out = {}
   for family, cfg in _hf_configs().items():
     path = str(tmp_path_factory.mktemp("hf") / family)
@@ -76,6 +76,7 @@ def loaded(hf_models):
 
 
 def hf_logits(model, tokens, attention_mask=None, position_ids=None):
+  import torch  # pylint: disable=import-outside-toplevel
   with torch.no_grad():
     kw = {}
     if attention_mask is not None:

@@ -43,6 +43,10 @@ def _hf_config(arch):
     return tr.Gemma3TextConfig(
         num_hidden_layers=6, sliding_window=8, head_dim=256,
         query_pre_attn_scalar=256, rope_theta=1e6, **common)
+  if arch == "gemma2":  # HF's GGUF path keeps the default softcaps 50/30.
+    return tr.Gemma2Config(
+        num_hidden_layers=2, sliding_window=8, head_dim=256,
+        query_pre_attn_scalar=256, **common)
   if arch == "llama":
     return tr.LlamaConfig(num_hidden_layers=2, tie_word_embeddings=False,
                           rope_theta=10000.0, **common)
@@ -77,10 +81,10 @@ def _gguf_tensors(arch, model):
       parts = name.split(".")
       module, kind = ".".join(parts[3:-1]), parts[-1]
       gguf_module = _LAYER[module]
-      if module == "post_attention_layernorm" and arch != "gemma3":
+      if module == "post_attention_layernorm" and "gemma" not in arch:
         gguf_module = "ffn_norm"  # Llama/Qwen: the pre-MLP norm.
       gname = f"blk.{parts[2]}.{gguf_module}.{kind}"
-    if arch == "gemma3" and gname.endswith("norm.weight"):
+    if arch.startswith("gemma") and gname.endswith("norm.weight"):
       w = w + 1.0  # The converter stores Gemma norms with the +1.
     if arch == "llama" and ".attn_q." in gname:
       w = _permute(w, cfg.num_attention_heads)
@@ -90,7 +94,8 @@ def _gguf_tensors(arch, model):
   return out
 
 
-def write_gguf(arch, model, path, drop=(), reshape=()):
+def write_gguf(arch, model, path, drop=(), reshape=(), qtypes=None,
+               extra=None):
   cfg = model.config
   w = gguf.GGUFWriter(str(path), arch=arch)
   w.add_context_length(256)
@@ -106,20 +111,21 @@ def write_gguf(arch, model, path, drop=(), reshape=()):
   rope = cfg.rope_parameters
   w.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  if arch == "gemma3":
+  if arch.startswith("gemma"):
     w.add_sliding_window(cfg.sliding_window)
   w.add_tokenizer_model("llama")
   w.add_token_list([f"t{i}" for i in range(VOCAB)])
   w.add_bos_token_id(1)
   w.add_eos_token_id(2)
-  for name, x in _gguf_tensors(arch, model).items():
+  qtypes = _QTYPES if qtypes is None else qtypes
+  for name, x in {**_gguf_tensors(arch, model), **(extra or {})}.items():
     if name in drop:
       continue
     if name in reshape:
       x = x[:-1]
     kind = name.split(".")[-2] if name.startswith("blk.") else (
         name.split(".")[0])
-    qtype = _QTYPES.get(kind, Q.F32) if name.endswith(".weight") else Q.F32
+    qtype = qtypes.get(kind, Q.F32) if name.endswith(".weight") else Q.F32
     data = gguf.quants.quantize(x, qtype)
     w.add_tensor(name, data, raw_dtype=qtype)
   w.write_header_to_file()
@@ -128,7 +134,7 @@ def write_gguf(arch, model, path, drop=(), reshape=()):
   w.close()
 
 
-ARCHS = ("gemma3", "llama", "qwen2", "qwen3")
+ARCHS = ("gemma3", "gemma2", "llama", "qwen2", "qwen3")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -184,6 +190,31 @@ def test_bfloat16(case):
   cfg, params = tj_gguf.load_gguf(path, dtype="bfloat16")
   assert cfg.param_dtype == "bfloat16"
   assert params["embed"]["embedding"].dtype.name == "bfloat16"
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+  """Llama 3.x GGUFs carry rope scaling only as `rope_freqs.weight`."""
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                 high_freq_factor=4.0, original_max_position_embeddings=8192)
+  hf_cfg = _hf_config("llama")
+  hf_cfg.rope_parameters = dict(scaling, rope_theta=10000.0)
+  torch.manual_seed(3)
+  model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+  scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+  plain = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+  path = tmp_path / "llama31.gguf"
+  write_gguf("llama", model, path, qtypes={},  # All float32: exact.
+             extra={"rope_freqs.weight": (plain / scaled).numpy()})
+  cfg, params = tj_gguf.load_gguf(str(path))
+  assert cfg.rope_scaling == scaling
+  tokens = np.random.default_rng(1).integers(0, VOCAB, (1, 16))
+  positions = np.arange(16)[None] + 5000  # Where the scaling matters.
+  with torch.no_grad():
+    want = model(torch.tensor(tokens),
+                 position_ids=torch.tensor(positions)).logits.numpy()
+  got = np.asarray(models.forward(cfg, params, tokens, positions=positions))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -62,45 +62,60 @@ def _logits(hs, w_chunks):
   return tuple(_tiles.matmul(h, w_c) for h, w_c in zip(hs, w_chunks))
 
 
+def _take_rows(tree, t0, rows):
+  return jax.tree.map(
+      lambda x: jax.lax.dynamic_slice_in_dim(x, t0, rows, axis=0), tree)
+
+
+def _put_rows(tree, part, t0):
+  return jax.tree.map(
+      lambda x, p: jax.lax.dynamic_update_slice_in_dim(x, p, t0, axis=0),
+      tree, part)
+
+
 def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
             finish: Callable, *, block_n: int, block_v: int):
-  """Streams over vocabulary chunks for each token block.
+  """Streams vocabulary chunks (outer loop) over token blocks (inner loop).
+
+  Vocabulary-outer order reads (and, on CPU, upcasts) each w chunk once;
+  the per-token running state of all tokens is only `[N, k]`.
 
   Args:
     pairs: tuple of (h_NxD, w_DxV).
     rows: per-token arrays `[N, k]` (padded rows get -1).
-    init: rows_in_block -> carry.
-    fold: (carry, z_tiles, cols, col_ok, row_blocks) -> carry.
-    finish: (carry, row_blocks) -> tuple of `[T, k]` outputs.
+    init: rows -> carry pytree of `[rows, ...]` arrays.
+    fold: (carry, z_tiles, cols, col_ok, row_blocks) -> carry, on a block.
+    finish: (carry, rows) -> tuple of `[N, ...]` outputs.
     block_n, block_v: tile sizes.
 
   Returns:
-    finish's outputs concatenated over token blocks, cut to N rows.
+    finish's outputs, cut to N rows.
   """
   n, v = pairs[0][0].shape[0], pairs[0][1].shape[1]
   bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
-  hs = tuple(_pad_rows(h, n_blocks * bn).reshape(n_blocks, bn, -1)
-             for h, _ in pairs)
-  rs = tuple(_pad_rows(r, n_blocks * bn, -1).reshape(n_blocks, bn, -1)
-             for r in rows)
+  n_pad = n_blocks * bn
+  hs = tuple(_pad_rows(h, n_pad) for h, _ in pairs)
+  rs = tuple(_pad_rows(r, n_pad, -1) for r in rows)
+
+  def vocab_chunk(j, carry):
+    state, ws = carry
+    ws = _opaque(ws)
+    v0, own = _vocab_chunk(j, v, bv)
+    w_cs = _chunks(ws, v0, bv)
+    cols = _tiles.col_ids((1, bv), v0)
+
+    def token_block(i, state):
+      t0 = i * bn
+      z = _logits(_take_rows(hs, t0, bn), w_cs)
+      part = fold(_take_rows(state, t0, bn), z, cols, cols >= own,
+                  _take_rows(rs, t0, bn))
+      return _put_rows(state, part, t0)
+
+    return jax.lax.fori_loop(0, n_blocks, token_block, state), ws
+
   ws = tuple(w for _, w in pairs)
-
-  def token_block(args):
-    h_blocks, r_blocks = args
-
-    def body(j, carry):
-      carry, ws = carry
-      ws = _opaque(ws)
-      v0, own = _vocab_chunk(j, v, bv)
-      z = _logits(h_blocks, _chunks(ws, v0, bv))
-      cols = _tiles.col_ids((1, bv), v0)
-      return fold(carry, z, cols, cols >= own, r_blocks), ws
-
-    carry, _ = jax.lax.fori_loop(0, v_blocks, body, (init(bn), ws))
-    return finish(carry, r_blocks)
-
-  outs = jax.lax.map(token_block, (hs, rs))
-  return tuple(o.reshape(n_blocks * bn, *o.shape[2:])[:n] for o in outs)
+  state, _ = jax.lax.fori_loop(0, v_blocks, vocab_chunk, (init(n_pad), ws))
+  return tuple(o[:n] for o in finish(state, rs))
 
 
 def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
@@ -135,16 +150,16 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
     def token_block(i, inner):
       dh, dw_c = inner
       t0 = i * bn
-      take = lambda x: jax.lax.dynamic_slice_in_dim(x, t0, bn, axis=0)
-      h_b = tuple(take(x) for x in hs)
+      h_b = _take_rows(hs, t0, bn)
       z = _logits(h_b, w_cs)
-      g = grad(z, cols, take(row_ids) < n, tuple(take(r) for r in rs))
+      g = grad(z, cols, _take_rows(row_ids, t0, bn) < n,
+               _take_rows(rs, t0, bn))
       # A chunk sums over all tokens, so its dw columns are complete even
       # where it overlaps the previous chunk (rewritten with equal values);
       # dh must count those overlap columns only once.
       g_own = jnp.where(cols >= own, g, 0.0)
-      dh_b = take(dh) + _tiles.matmul_nt(g_own, w_cs[0])
-      dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_b, t0, axis=0)
+      dh_b = _take_rows(dh, t0, bn) + _tiles.matmul_nt(g_own, w_cs[0])
+      dh = _put_rows(dh, dh_b, t0)
       return dh, dw_c + _tiles.matmul_tn(h_b[0], g)
 
     dw_c = jnp.zeros(w_cs[0].shape, jnp.float32)

@@ -94,9 +94,9 @@ def token_stats(h_NxD, w_DxV, targets_N, *, softcap=None, temperature=1.0,
   Args:
     h_NxD: final hidden states (any float dtype; bf16 is accumulated in f32).
     w_DxV: unembedding.
-    targets_N: int target ids; `ignore_index` marks tokens without a target
-      (their logp is 0 and gets no gradient).
-    softcap: final-logit soft cap (Gemma 2/3), or None.
+    targets_N: int target ids; `ignore_index` (and any negative id) marks
+      tokens without a target: their logp is 0 and gets no gradient.
+    softcap: final-logit soft cap (Gemma 2), or None.
     temperature: divides the (capped) logits.
     ignore_index: see targets_N.
     want_entropy: also return the entropy of each token's distribution.

