@@ -85,8 +85,8 @@ might need the light."""
 
 PROMPTS = [
     {"name": "capital", "text": "The capital of France is", "special": False},
-    {"name": "code", "text": "def fibonacci(n):\n    if n < 2:\n        return n\n",
-     "special": False},
+    {"name": "code", "special": False,
+     "text": "def fibonacci(n):\n    if n < 2:\n        return n\n"},
     {"name": "chat", "special": True, "text":
      "<start_of_turn>user\nName three primary colors.<end_of_turn>\n"
      "<start_of_turn>model\n"},

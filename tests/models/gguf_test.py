@@ -188,7 +188,7 @@ def test_weights_equal_dequantized_hf_weights(case):
 def test_bfloat16(case):
   _, _, _, path = case
   cfg, params = tj_gguf.load_gguf(path, dtype="bfloat16")
-  assert cfg.param_dtype == "bfloat16"
+  assert cfg.param_dtype == cfg.dtype == "bfloat16"
   assert params["embed"]["embedding"].dtype.name == "bfloat16"
 
 
@@ -218,7 +218,7 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def llama():
   torch.manual_seed(7)
   return transformers.AutoModelForCausalLM.from_config(_hf_config("llama"))
 
@@ -232,7 +232,8 @@ def test_errors_name_file_and_tensor(llama, tmp_path):
   shape = tmp_path / "shape.gguf"
   write_gguf("llama", llama, shape, reshape=("blk.0.attn_k.weight",))
   with pytest.raises(errors.ModelError,
-                     match=r"shape.gguf: tensor blk.0.attn_k.weight: shape \(31, 64\)"):
+                     match=r"shape.gguf: tensor blk.0.attn_k.weight: "
+                     r"shape \(31, 64\)"):
     tj_gguf.load_gguf(str(shape))
   good = tmp_path / "good.gguf"
   write_gguf("llama", llama, good)

@@ -29,7 +29,8 @@ GEMMA3_TEMPLATE = """{{ bos_token }}
   {%- else -%}
     {%- set role = message['role'] -%}
   {%- endif -%}
-  {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+  {{ '<start_of_turn>' + role + '\n' +
+     (first_user_prefix if loop.first else "") }}
   {{- message['content'] | trim -}}
   {{ '<end_of_turn>\n' }}
 {%- endfor -%}

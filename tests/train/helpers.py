@@ -39,3 +39,10 @@ def random_batch(seed=0, b=8, l=16, vocab=259):
 
 def replace(cfg, **kw):
   return dataclasses.replace(cfg, **kw)
+
+
+def multihost_config() -> tcfg.Config:
+  """The config both the 2-process run and its 1-process reference use."""
+  return tiny_config(total_steps=3, mesh={"data": 2},
+                     checkpoint={"async_save": False},
+                     eval={"every": -1})

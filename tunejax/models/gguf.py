@@ -21,9 +21,13 @@ import os
 import struct
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from tunejax import errors
+from tunejax import tree
+from tunejax.models import layers
+from tunejax.models import transformer
 from tunejax.models.config import ModelConfig
 
 ALIASES = ("gemma3-270m",)
@@ -193,7 +197,6 @@ def _llama3_rope(gf: GGUFFile, head_dim: int, theta: float) -> dict:
   that produced them; the known parameter sets are tried and the one that
   reproduces the divisors is returned.
   """
-  from tunejax.models import layers  # Lazy: pulls in jax.
   divisors = gf.array("rope_freqs.weight")
   base = layers.inv_freq(head_dim, theta, None)
   for low, high, old_len in _LLAMA3_ROPE:
@@ -333,13 +336,11 @@ def _convert(cfg: ModelConfig, gf: GGUFFile, name: str, gguf_name: str,
   return x
 
 
-def params_from_gguf(cfg: ModelConfig, gf: GGUFFile,
-                     dtype: str | None = None) -> dict:
-  """All parameters of `cfg`'s model from `gf`, stacked over layers."""
-  from tunejax.models import transformer  # Lazy: keeps gguf importable.
-  import jax.numpy as jnp  # Lazy, like transformer.
+def params_from_gguf(cfg: ModelConfig, gf: GGUFFile) -> dict:
+  """All parameters of `cfg`'s model from `gf` in `cfg.param_dtype`, layers
+  stacked on a leading axis."""
   arch = gf.metadata.get("general.architecture")
-  out_dtype = jnp.dtype(dtype or cfg.param_dtype)
+  out_dtype = jnp.dtype(cfg.param_dtype)
   flat = {}
   for name, spec in transformer.param_specs(cfg).items():
     if name.startswith("layers/"):
@@ -350,14 +351,7 @@ def params_from_gguf(cfg: ModelConfig, gf: GGUFFile,
     else:
       x = _convert(cfg, gf, name, _TOP_NAMES[name], arch, spec.shape)
     flat[name] = jnp.asarray(x, out_dtype)
-  out: dict = {}
-  for name, x in flat.items():
-    *parents, leaf = name.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
-  return out
+  return tree.unflatten(flat)
 
 
 # ----------------------------------------------------------------- entry ----
@@ -391,10 +385,11 @@ def load_gguf(path: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
 
   Args:
     path: a `.gguf` file, or 'gemma3-270m'.
-    dtype: parameter dtype ('float32' | 'bfloat16'); None keeps float32.
+    dtype: parameter and compute dtype ('float32' | 'bfloat16'); None
+      keeps float32 (the dequantized values).
   """
   gf = read_gguf(resolve_path(path))
   cfg = config_from_gguf(gf)
   if dtype is not None:
-    cfg = cfg.replace(param_dtype=dtype)
-  return cfg, params_from_gguf(cfg, gf, cfg.param_dtype)
+    cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+  return cfg, params_from_gguf(cfg, gf)
