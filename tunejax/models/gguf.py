@@ -21,6 +21,8 @@ import os
 import struct
 from typing import Any
 
+from gguf import quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,8 +59,6 @@ class GGUFFile:
 
   def array(self, name: str) -> np.ndarray:
     """Tensor `name` dequantized to a float32 array in numpy order."""
-    from gguf import quants  # Lazy: the gguf package is only needed here.
-    from gguf.constants import GGMLQuantizationType
     info = self.tensors.get(name)
     if info is None:
       raise errors.ModelError(f"{self.path}: missing tensor {name}")
@@ -134,7 +134,6 @@ class _Cursor:
 
 def read_gguf(path: str) -> GGUFFile:
   """Parses the header of a GGUF (v2/v3) file; tensor data stays mapped."""
-  from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
   try:
     with open(path, "rb") as f:
       data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
