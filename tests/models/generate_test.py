@@ -26,29 +26,39 @@ def greedy(params):
   return models.generate(CFG, params, PROMPTS, 16, eos_id=-1)
 
 
-def _teacher_forced_logp(params, prompt, new):
-  seq = jnp.asarray([prompt + list(new)])
-  logp = jax.nn.log_softmax(models.forward(CFG, params, seq), axis=-1)[0]
-  n = len(prompt)
-  rows = logp[n - 1:n - 1 + len(new)]
-  return np.asarray(rows), np.asarray(jnp.take_along_axis(
-      rows, jnp.asarray(new)[:, None], axis=1)[:, 0])
+_FWD = jax.jit(models.forward, static_argnums=0)
+
+
+def _teacher_forced(params, new_BxT):
+  """Per row: log-softmax rows [T, V] predicting each new token, and the
+  new tokens' log-probs, from one right-padded, jitted forward pass."""
+  t = new_BxT.shape[1]
+  width = max(map(len, PROMPTS)) + t
+  seqs = np.zeros((len(PROMPTS), width), np.int32)
+  for i, p in enumerate(PROMPTS):
+    seqs[i, :len(p) + t] = p + list(new_BxT[i])
+  logp = np.asarray(jax.nn.log_softmax(_FWD(CFG, params, seqs), axis=-1))
+  out = []
+  for i, p in enumerate(PROMPTS):
+    rows = logp[i, len(p) - 1:len(p) - 1 + t]
+    out.append((rows, rows[np.arange(t), new_BxT[i]]))
+  return out
 
 
 def test_greedy_equals_teacher_forced_argmax(params, greedy):
-  for i, prompt in enumerate(PROMPTS):
+  tf = _teacher_forced(params, np.asarray(greedy.tokens_BxT))
+  for i in range(len(PROMPTS)):
     new = list(np.asarray(greedy.tokens_BxT[i]))
-    rows, lp = _teacher_forced_logp(params, prompt, new)
+    rows, lp = tf[i]
     np.testing.assert_array_equal(rows.argmax(-1), new)
     np.testing.assert_allclose(greedy.logps_BxT[i], lp, atol=1e-4)
   assert list(greedy.lengths_B) == [16, 16, 16]
 
 
-def test_top_k_1_and_tiny_top_p_are_greedy(params, greedy):
-  for kw in (dict(top_k=1), dict(top_p=1e-6)):
-    out = models.generate(CFG, params, PROMPTS, 16, temperature=0.7,
-                          rng=jax.random.key(3), eos_id=-1, **kw)
-    np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
+def test_top_k_1_with_tiny_top_p_is_greedy(params, greedy):
+  out = models.generate(CFG, params, PROMPTS, 16, temperature=0.7, top_k=1,
+                        top_p=1e-6, rng=jax.random.key(3), eos_id=-1)
+  np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
 
 
 def test_top_k_sampling_logps_and_support(params):
@@ -57,9 +67,10 @@ def test_top_k_sampling_logps_and_support(params):
   again = models.generate(CFG, params, PROMPTS, 16, temperature=1.5,
                           top_k=4, rng=jax.random.key(1), eos_id=-1)
   np.testing.assert_array_equal(out.tokens_BxT, again.tokens_BxT)
-  for i, prompt in enumerate(PROMPTS):
+  tf = _teacher_forced(params, np.asarray(out.tokens_BxT))
+  for i in range(len(PROMPTS)):
     new = list(np.asarray(out.tokens_BxT[i]))
-    rows, lp = _teacher_forced_logp(params, prompt, new)
+    rows, lp = tf[i]
     rank = (rows > rows[np.arange(len(new)), new][:, None]).sum(-1)
     assert rank.max() < 4
     # Log-probs are under the raw logits, not the tempered distribution.

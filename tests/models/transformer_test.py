@@ -71,10 +71,8 @@ class _AddSeam(Seam):
     return x * adapters["scale"] if "scale" in adapters else x
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_seam_matches_merged_weights(scan, nets):
+def test_seam_matches_merged_weights(nets):
   cfg, params = nets["gemma3"]
-  cfg = cfg.replace(scan_layers=scan)
   n, d, r, k = cfg.n_layers, cfg.d_model, 3, cfg.head_dim
   g, h, f = cfg.n_kv_heads, cfg.n_heads, cfg.mlp_dim
   rs = np.random.RandomState(0)
@@ -117,8 +115,7 @@ def test_seam_matches_merged_weights(scan, nets):
   np.testing.assert_array_equal(plain, models.forward(cfg, params, tokens))
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_scan_loop_and_remat_agree(remat, nets):
+def test_scan_loop_and_remat_agree(nets):
   cfg, params = nets["gemma3"]
   tokens = jnp.asarray(np.random.RandomState(2).randint(0, 256, (2, 16)))
 
@@ -127,10 +124,11 @@ def test_scan_loop_and_remat_agree(remat, nets):
 
   vg = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   base = vg(params, cfg.replace(scan_layers=False))
-  got = vg(params, cfg.replace(remat=remat))
-  np.testing.assert_allclose(got[0], base[0], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(base[1])):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  for remat in ("full", "save_dots"):
+    got = vg(params, cfg.replace(remat=remat))
+    np.testing.assert_allclose(got[0], base[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(base[1])):
+      np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_params_and_compute(nets):
@@ -140,10 +138,10 @@ def test_bf16_params_and_compute(nets):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 16)))
-  h = models.hidden(cfg16, p16, tokens)
+  h = jax.eval_shape(models.hidden, cfg16, p16, tokens)
   assert h.dtype == jnp.bfloat16
-  lo = models.forward(cfg16, p16, tokens)
-  hi = models.forward(cfg, params, tokens)
+  lo = _fwd(cfg16, p16, tokens)
+  hi = _fwd(cfg, params, tokens)
   assert lo.dtype == jnp.float32
   assert float(jnp.max(jnp.abs(lo - hi))) < 0.02 * float(jnp.max(jnp.abs(hi)))
 
@@ -151,11 +149,10 @@ def test_bf16_params_and_compute(nets):
 def test_hidden_unembedding_forward_consistent(nets):
   for cfg, params in nets.values():
     tokens = jnp.arange(10)[None] % cfg.vocab_size
-    h = models.hidden(cfg, params, tokens)
+    h = jax.jit(models.hidden, static_argnums=0)(cfg, params, tokens)
     w = models.unembedding(cfg, params)
     assert w.shape == (cfg.d_model, cfg.vocab_size)
-    np.testing.assert_allclose(models.forward(cfg, params, tokens), h @ w,
-                               atol=1e-6)
+    np.testing.assert_allclose(_fwd(cfg, params, tokens), h @ w, atol=1e-6)
 
 
 def test_param_axes_cover_params_with_matching_rank():

@@ -180,9 +180,8 @@ def read_gguf(path: str) -> GGUFFile:
 
 # ---------------------------------------------------------------- config ----
 
-_GEMMA_ARCHS = ("gemma2", "gemma3")
-_ARCH_FAMILY = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                "gemma2": "gemma2", "gemma3": "gemma3"}
+# GGUF architectures; each is also the tunejax family name.
+_ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
 # (low_freq_factor, high_freq_factor, original context) of Llama 3.1-3.3.
@@ -228,10 +227,11 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
   """ModelConfig from GGUF metadata (plus the facts llama.cpp hard-codes)."""
   md = gf.metadata
   arch = md.get("general.architecture")
-  if arch not in _ARCH_FAMILY:
+  if arch not in _ARCHS:
     raise errors.ModelError(
         f"{gf.path}: unsupported GGUF architecture {arch!r}; supported: "
-        f"{sorted(_ARCH_FAMILY)}")
+        f"{list(_ARCHS)}")
+
   def get(key, default=None):
     value = md.get(f"{arch}.{key}", default)
     if value is None:
@@ -246,7 +246,7 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
   if embd is None:
     raise errors.ModelError(f"{gf.path}: missing tensor token_embd.weight")
   kw = dict(
-      family=_ARCH_FAMILY[arch], vocab_size=embd.shape[0], d_model=d,
+      family=arch, vocab_size=embd.shape[0], d_model=d,
       n_layers=n_layers, n_heads=h,
       n_kv_heads=int(get("attention.head_count_kv", h)), head_dim=head_dim,
       mlp_dim=int(get("feed_forward_length")),
@@ -262,7 +262,7 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     kw["qkv_bias"] = True
   if arch == "qwen3":
     kw["qk_norm"] = True
-  if arch in _GEMMA_ARCHS:
+  if arch.startswith("gemma"):
     # llama.cpp: 27B scales queries by (d / h)**-0.5, the others by
     # head_dim**-0.5 (not stored in the file).
     scalar = d / h if n_layers in (46, 62) else head_dim
@@ -278,7 +278,10 @@ def config_from_gguf(gf: GGUFFile) -> ModelConfig:
     kw.update(qk_norm=True, rope_local_theta=10_000.0,
               layer_types=tuple("global" if i % 6 == 5 else "local"
                                 for i in range(n_layers)))
-  return ModelConfig(**kw)
+  try:
+    return ModelConfig(**kw)
+  except errors.ConfigError as e:  # Inconsistent metadata.
+    raise errors.ModelError(f"{gf.path}: {e}") from e
 
 
 # --------------------------------------------------------------- tensors ----
