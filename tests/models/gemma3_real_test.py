@@ -77,6 +77,10 @@ def test_tokenizer_matches_llamacpp(tok, fixture):
     encode = tok.encode_with_special if p["special"] else tok.encode
     assert encode(p["text"], add_bos=True) == p["ids"], p["name"]
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+  # The Gemma chat style gives llama.cpp's encoding of the chat prompt.
+  chat = next(p for p in fixture["prompts"] if p["name"] == "chat")
+  messages = [{"role": "user", "content": "Name three primary colors."}]
+  assert tokenizers.render_chat(tok, messages) == chat["ids"]
 
 
 def test_logits_match_llamacpp(packed_logits, fixture):

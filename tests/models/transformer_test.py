@@ -138,7 +138,7 @@ def test_bf16_params_and_compute(nets):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
   p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   tokens = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 16)))
-  h = jax.eval_shape(models.hidden, cfg16, p16, tokens)
+  h = jax.eval_shape(lambda p, t: models.hidden(cfg16, p, t), p16, tokens)
   assert h.dtype == jnp.bfloat16
   lo = _fwd(cfg16, p16, tokens)
   hi = _fwd(cfg, params, tokens)

@@ -1,6 +1,7 @@
 """tunejax.tokenizers.load against sentencepiece, HF tokenizers/transformers
 and a GGUF vocabulary written the way llama.cpp's converter writes it."""
 import os
+import pickle
 
 import gguf
 import pytest
@@ -90,6 +91,15 @@ def test_hf_ids_from_config_and_guessed(hf_dir, hf_plain_json, hf_ref):
     tok.encode("x", add_bos=True)
 
 
+def test_pickle_round_trip(spm_tok, hf_dir):
+  for tok in (spm_tok, tokenizers.load(hf_dir)):
+    again = pickle.loads(pickle.dumps(tok))
+    text = "<|im_start|><start_of_turn>" + TEXTS[3]
+    assert again.encode_with_special(text) == tok.encode_with_special(text)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.chat_template) == (
+        tok.bos_id, tok.eos_id, tok.pad_id, tok.chat_template)
+
+
 def _write_llamacpp_style_gguf(path, model_bytes, tokenizer_model="llama"):
   """Vocabulary as llama.cpp's converter writes it: <unk> typed CONTROL and
   spaces instead of U+2581 in USER_DEFINED pieces."""
@@ -140,6 +150,8 @@ def test_gguf_vocabulary_with_both_fixes(sp, spm_model_bytes, tmp_path,
   assert len(list((tmp_path / "cache").iterdir())) == 2
   again = tokenizers.load(str(path))  # From the cache.
   assert again.encode(TEXTS[1]) == sp.encode(TEXTS[1])
+  unpickled = pickle.loads(pickle.dumps(again))
+  assert unpickled.encode(TEXTS[2]) == sp.encode(TEXTS[2])
 
 
 def test_errors(spm_model_bytes, tmp_path):

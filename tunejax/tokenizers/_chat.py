@@ -14,8 +14,12 @@ message boundaries found by rendering once with unique sentinel contents.
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from typing import Callable, Sequence
+
+import jinja2
+from jinja2 import sandbox
 
 from tunejax import errors
 from tunejax.tokenizers._tokenizer import Tokenizer
@@ -105,25 +109,33 @@ _STYLES: dict[str, Callable[..., list[Piece]]] = {
     "gemma": _gemma, "llama3": _llama3, "chatml": _chatml}
 
 
-def _jinja_render(template: str, tok: Tokenizer, messages: Sequence[Message],
-                  add_generation_prompt: bool) -> str:
-  import jinja2  # Imported lazily: only templates need it.
-  from jinja2 import sandbox
+def _raise_exception(message):
+  raise errors.DataError(f"chat template: {message}")
 
-  def raise_exception(message):
-    raise errors.DataError(f"chat template: {message}")
 
-  def strftime_now(fmt):
-    return datetime.datetime.now().strftime(fmt)
+def _strftime_now(fmt):
+  return datetime.datetime.now().strftime(fmt)
 
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+  """Compiles a template once (data pipelines render one per row)."""
   env = sandbox.ImmutableSandboxedEnvironment(
       trim_blocks=True, lstrip_blocks=True,
       extensions=["jinja2.ext.loopcontrols"])
-  env.globals.update(raise_exception=raise_exception,
-                     strftime_now=strftime_now)
+  env.globals.update(raise_exception=_raise_exception,
+                     strftime_now=_strftime_now)
+  try:
+    return env.from_string(template)
+  except jinja2.TemplateError as e:
+    raise errors.ConfigError(f"chat template: {type(e).__name__}: {e}") from e
+
+
+def _jinja_render(template: str, tok: Tokenizer, messages: Sequence[Message],
+                  add_generation_prompt: bool) -> str:
   special = lambda i: tok.decode([i]) if i is not None else ""
   try:
-    return env.from_string(template).render(
+    return _compile(template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt,
         bos_token=special(tok.bos_id), eos_token=special(tok.eos_id),
         pad_token=special(tok.pad_id))

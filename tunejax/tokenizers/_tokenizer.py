@@ -8,6 +8,7 @@ the two backends bit-for-bit consistent in how specials are handled.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Callable, Sequence
@@ -35,6 +36,9 @@ class Tokenizer:
       from text but `encode_with_special` does.
     chat_template: a Jinja chat template string, or None.
     add_bos: whether the model expects BOS first (a hint for callers).
+
+  Tokenizers pickle (for data-loader workers) by rebuilding from their
+  source.
   """
 
   def __init__(self, *, encode_fn: Callable[[str], list[int]],
@@ -42,7 +46,8 @@ class Tokenizer:
                special_tokens: dict[str, int], vocab_size: int,
                bos_id: int | None, eos_id: int | None, pad_id: int | None,
                chat_template: str | None = None, add_bos: bool = True,
-               name: str = ""):
+               name: str = "",
+               rebuild: Callable[[], Tokenizer] | None = None):
     self._encode_fn = encode_fn
     self._decode_fn = decode_fn
     self.special_tokens = dict(special_tokens)
@@ -59,6 +64,13 @@ class Tokenizer:
     self.chat_template = chat_template
     self.add_bos = add_bos
     self.name = name
+    # How to rebuild this tokenizer: the backend closures do not pickle.
+    self._rebuild = rebuild
+
+  def __reduce__(self):
+    if self._rebuild is None:
+      raise TypeError(f"tokenizer {self.name} cannot be pickled")
+    return (self._rebuild, ())
 
   def __repr__(self):
     return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, "
@@ -138,7 +150,9 @@ def from_sentencepiece(proto_bytes: bytes, *, name: str,
                        bos_id: int | None = None, eos_id: int | None = None,
                        pad_id: int | None = None,
                        chat_template: str | None = None,
-                       add_bos: bool = True) -> Tokenizer:
+                       add_bos: bool = True,
+                       rebuild: Callable[[], Tokenizer] | None = None
+                       ) -> Tokenizer:
   """A Tokenizer over a serialized sentencepiece ModelProto."""
   sp = spm.SentencePieceProcessor(model_proto=proto_bytes)
   specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
@@ -148,6 +162,11 @@ def from_sentencepiece(proto_bytes: bytes, *, name: str,
     value = default if value is None else value
     return None if value is None or value < 0 else int(value)
 
+  if rebuild is None:
+    rebuild = functools.partial(
+        from_sentencepiece, proto_bytes, name=name, bos_id=bos_id,
+        eos_id=eos_id, pad_id=pad_id, chat_template=chat_template,
+        add_bos=add_bos)
   return Tokenizer(
       encode_fn=lambda text: list(sp.encode(text)),
       decode_fn=lambda ids: sp.decode(list(ids)),
@@ -155,7 +174,8 @@ def from_sentencepiece(proto_bytes: bytes, *, name: str,
       bos_id=ids_or_none(bos_id, sp.bos_id()),
       eos_id=ids_or_none(eos_id, sp.eos_id()),
       pad_id=ids_or_none(pad_id, sp.pad_id()),
-      chat_template=chat_template, add_bos=add_bos, name=name)
+      chat_template=chat_template, add_bos=add_bos, name=name,
+      rebuild=rebuild)
 
 
 def _token_content(value) -> str | None:
@@ -224,7 +244,8 @@ def from_hf_json(path: str) -> Tokenizer:
       bos_id=bos, eos_id=find("eos_token", _EOS_NAMES),
       pad_id=find("pad_token", _PAD_NAMES),
       chat_template=_chat_template_of(config, directory),
-      add_bos=bool(config.get("add_bos_token", bos is not None)), name=path)
+      add_bos=bool(config.get("add_bos_token", bos is not None)), name=path,
+      rebuild=functools.partial(from_hf_json, path))
 
 
 def from_sentencepiece_file(path: str) -> Tokenizer:
