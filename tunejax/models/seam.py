@@ -6,7 +6,17 @@ overrides what it changes. Seams are frozen dataclasses so they hash and can
 be static jit arguments.
 
 `adapters` is always this module's dict of adapter leaves for the current
-layer (layer-stacked leaves already sliced), or `{}` when it has none.
+layer (layer-stacked leaves already sliced), or `{}` when it has none. The
+adapters tree passed to `hidden/forward/generate` mirrors the params tree:
+  linear 'layers/attn/q'  <- adapters['layers']['attn']['q']
+  linear 'lm_head'        <- adapters['lm_head'] (also when embeddings are
+                             tied; the kernel is then the embedding.T)
+  embed                   <- adapters['embed']
+  act 'attn/k', 'attn/v'  <- adapters['layers']['attn']['k' | 'v'] (the same
+                             dict as the k / v linear)
+  act 'attn/heads'        <- adapters['layers']['attn']['heads']
+  act 'mlp/hidden'        <- adapters['layers']['mlp']['hidden']
+Leaves under 'layers' carry a leading n_layers axis.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A sentencepiece tokenizer rebuilt from a GGUF vocabulary, cached on disk.
+"""Tokenizers rebuilt from a GGUF vocabulary, cached on disk.
 
 GGUF `tokenizer.ggml.model == 'llama'` vocabularies are sentencepiece BPE
 models flattened into three arrays (tokens, scores, types). Rebuilding the
@@ -7,8 +7,13 @@ ModelProto needs two fixes (reference/gemma3-270m.md section 3):
      UNKNOWN, otherwise `unk_id()` is -1 and unknown pieces map to -1.
   2. USER_DEFINED pieces were stored with plain spaces instead of U+2581, so
      runs of spaces would never match them.
-Building the proto from 262k pieces takes seconds, so the result is cached
-under ~/.cache/tunejax keyed by the file's path, size and mtime.
+`'gpt2'` vocabularies (Llama 3, Qwen) are byte-level BPEs (tokens + merges)
+whose pre-tokenizer regex is named by `tokenizer.ggml.pre`; they become an HF
+`tokenizers` model.
+
+Building either from 262k pieces takes seconds, so the result (a serialized
+ModelProto or tokenizer.json) is cached under ~/.cache/tunejax keyed by the
+file's path, size and mtime.
 """
 from __future__ import annotations
 
@@ -19,12 +24,24 @@ import os
 import tempfile
 
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+import tokenizers as hf_tokenizers
 
 from tunejax import errors
-from tunejax.tokenizers._tokenizer import Tokenizer, from_sentencepiece
+from tunejax.tokenizers._tokenizer import Tokenizer
+from tunejax.tokenizers._tokenizer import from_hf
+from tunejax.tokenizers._tokenizer import from_sentencepiece
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+# tokenizer.ggml.pre -> the split regex of that model family (applied before
+# byte-level mapping). 'default' / 'gpt-2' use ByteLevel's own GPT-2 regex.
+_PRE_REGEX = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+                 r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                 r"\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+             r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 
 def is_gguf_source(path: str) -> bool:
@@ -60,19 +77,72 @@ def _write_atomic(path: str, data: bytes) -> None:
     raise
 
 
-def build_proto(path: str, md: dict) -> tuple[bytes, dict]:
-  """(serialized ModelProto, tokenizer info) from GGUF metadata."""
+def _field(path: str, md: dict, key: str):
+  if f"tokenizer.ggml.{key}" not in md:
+    raise errors.ModelError(f"{path}: missing metadata tokenizer.ggml.{key}")
+  return md[f"tokenizer.ggml.{key}"]
+
+
+def _info(md: dict, kind: str) -> dict:
+  def tid(key):
+    value = md.get(f"tokenizer.ggml.{key}_token_id", -1)
+    return None if value < 0 else int(value)
+  return {"kind": kind, "bos_id": tid("bos"), "eos_id": tid("eos"),
+          "pad_id": tid("padding"),
+          "add_bos": bool(md.get("tokenizer.ggml.add_bos_token", True)),
+          "chat_template": md.get("tokenizer.chat_template")}
+
+
+def build(path: str, md: dict) -> tuple[bytes, dict]:
+  """(serialized tokenizer, info) from GGUF metadata."""
   kind = md.get("tokenizer.ggml.model")
-  if kind != "llama":
+  if kind == "llama":
+    return _build_spm(path, md), _info(md, "spm")
+  if kind == "gpt2":
+    return _build_bpe(path, md), _info(md, "bpe")
+  raise errors.ModelError(
+      f"{path}: GGUF tokenizer model {kind!r} is not supported (only 'llama' "
+      "and 'gpt2'); load the HF tokenizer.json instead")
+
+
+def _build_bpe(path: str, md: dict) -> bytes:
+  """tokenizer.json text of a GGUF byte-level BPE vocabulary."""
+  tokens, merges = _field(path, md, "tokens"), _field(path, md, "merges")
+  types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  pre = md.get("tokenizer.ggml.pre", "default")
+  pt = hf_tokenizers.pre_tokenizers
+  if pre in ("default", "gpt-2", "gpt2"):
+    pre_tokenizer = pt.ByteLevel(add_prefix_space=False)
+  elif pre in _PRE_REGEX:
+    pre_tokenizer = pt.Sequence([
+        pt.Split(hf_tokenizers.Regex(_PRE_REGEX[pre]), behavior="isolated"),
+        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+  else:
     raise errors.ModelError(
-        f"{path}: GGUF tokenizer model {kind!r} is not supported (only "
-        "'llama', i.e. sentencepiece); load the HF tokenizer.json instead")
-  try:
-    tokens = md["tokenizer.ggml.tokens"]
-    scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-  except KeyError as e:
-    raise errors.ModelError(f"{path}: missing metadata {e.args[0]}") from e
+        f"{path}: GGUF pre-tokenizer {pre!r} is not supported (known: "
+        f"default, gpt-2, {', '.join(_PRE_REGEX)}); load the HF "
+        "tokenizer.json instead")
+  model = hf_tokenizers.models.BPE(
+      vocab={t: i for i, t in enumerate(tokens)},
+      merges=[tuple(m.split(" ", 1)) for m in merges],
+      ignore_merges=pre == "llama-bpe")
+  tok = hf_tokenizers.Tokenizer(model)
+  tok.pre_tokenizer = pre_tokenizer
+  tok.decoder = hf_tokenizers.decoders.ByteLevel()
+  added = lambda t, special: hf_tokenizers.AddedToken(
+      t, special=special, normalized=False)
+  tok.add_special_tokens([added(t, True) for t, ty in zip(tokens, types)
+                          if ty == _CONTROL])
+  tok.add_tokens([added(t, False) for t, ty in zip(tokens, types)
+                  if ty == _USER_DEFINED])
+  return tok.to_str().encode()
+
+
+def _build_spm(path: str, md: dict) -> bytes:
+  """Serialized sentencepiece ModelProto of a GGUF 'llama' vocabulary."""
+  tokens = _field(path, md, "tokens")
+  scores = md.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+  types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
   ids = {k: md.get(f"tokenizer.ggml.{k}_token_id", -1)
          for k in ("unknown", "bos", "eos", "padding")}
   proto = spm_pb2.ModelProto()
@@ -95,33 +165,30 @@ def build_proto(path: str, md: dict) -> tuple[bytes, dict]:
   ns.add_dummy_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
   ns.remove_extra_whitespaces = False
   ns.escape_whitespaces = True
-  info = {"bos_id": ids["bos"], "eos_id": ids["eos"],
-          "pad_id": ids["padding"],
-          "add_bos": bool(md.get("tokenizer.ggml.add_bos_token", True)),
-          "chat_template": md.get("tokenizer.chat_template")}
-  return proto.SerializeToString(), info
+  return proto.SerializeToString()
 
 
 def _cached(path: str) -> tuple[bytes, dict]:
-  """The proto and info for `path`, from the cache or built and cached."""
+  """The serialized tokenizer and info for `path`, from the cache or built
+  and cached."""
   stem = os.path.join(cache_dir(), f"gguf-tokenizer-{_cache_key(path)}")
   try:
-    with open(stem + ".json", encoding="utf-8") as f:
+    with open(stem + ".info", encoding="utf-8") as f:
       info = json.load(f)
-    with open(stem + ".model", "rb") as f:
+    with open(stem + ".bin", "rb") as f:
       return f.read(), info
   except (OSError, ValueError):
     pass
   from tunejax.models import gguf
-  proto, info = build_proto(path, gguf.read_gguf(path).metadata)
+  payload, info = build(path, gguf.read_gguf(path).metadata)
   try:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
-    # The .json is written last: its presence means the .model is complete.
-    _write_atomic(stem + ".model", proto)
-    _write_atomic(stem + ".json", json.dumps(info).encode())
+    # The .info is written last: its presence means the .bin is complete.
+    _write_atomic(stem + ".bin", payload)
+    _write_atomic(stem + ".info", json.dumps(info).encode())
   except OSError:
     pass  # A read-only cache only costs the rebuild next time.
-  return proto, info
+  return payload, info
 
 
 def load(path: str) -> Tokenizer:
@@ -130,7 +197,10 @@ def load(path: str) -> Tokenizer:
   path = gguf.resolve_path(path)
   if not os.path.exists(path):
     raise errors.ModelError(f"{path}: no such GGUF file")
-  proto, info = _cached(path)
-  # Unpickling reloads through the cache instead of carrying 5 MB.
-  return from_sentencepiece(proto, name=path,
-                            rebuild=functools.partial(load, path), **info)
+  payload, info = _cached(path)
+  # Unpickling reloads through the cache instead of carrying megabytes.
+  rebuild = functools.partial(load, path)
+  if info.pop("kind") == "spm":
+    return from_sentencepiece(payload, name=path, rebuild=rebuild, **info)
+  return from_hf(hf_tokenizers.Tokenizer.from_str(payload.decode()),
+                 name=path, rebuild=rebuild, **info)

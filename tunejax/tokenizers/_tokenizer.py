@@ -14,6 +14,7 @@ import os
 from typing import Callable, Sequence
 
 import sentencepiece as spm
+import tokenizers as hf_tokenizers
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from tunejax import errors
@@ -207,21 +208,34 @@ def _chat_template_of(config: dict, directory: str | None) -> str | None:
   return template
 
 
+def from_hf(tok: hf_tokenizers.Tokenizer, *, name: str, bos_id: int | None,
+            eos_id: int | None, pad_id: int | None,
+            chat_template: str | None, add_bos: bool,
+            rebuild: Callable[[], Tokenizer]) -> Tokenizer:
+  """A Tokenizer over an HF `tokenizers.Tokenizer` (it is modified)."""
+  # The backend must not parse specials itself (see the module docstring).
+  tok.encode_special_tokens = True
+  specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items()
+              if t.special}
+  return Tokenizer(
+      encode_fn=lambda text: tok.encode(text, add_special_tokens=False).ids,
+      decode_fn=lambda ids: tok.decode(list(ids), skip_special_tokens=False),
+      special_tokens=specials, vocab_size=tok.get_vocab_size(),
+      bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+      chat_template=chat_template, add_bos=add_bos, name=name,
+      rebuild=rebuild)
+
+
 def from_hf_json(path: str) -> Tokenizer:
   """A Tokenizer from an HF tokenizer.json (+ tokenizer_config.json next to
   it, when present)."""
-  import tokenizers  # Imported lazily: only this backend needs it.
   try:
-    tok = tokenizers.Tokenizer.from_file(path)
+    tok = hf_tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # tokenizers raises a bare Exception.
     raise errors.ModelError(f"{path}: not a valid tokenizer.json ({e})") from e
-  # The backend must not parse specials itself (see the module docstring).
-  tok.encode_special_tokens = True
   directory = os.path.dirname(os.path.abspath(path))
   config_path = os.path.join(directory, "tokenizer_config.json")
   config = _read_json(config_path) if os.path.exists(config_path) else {}
-  specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items()
-              if t.special}
 
   def find(key, names):
     content = _token_content(config.get(key))
@@ -237,14 +251,11 @@ def from_hf_json(path: str) -> Tokenizer:
                  if tok.token_to_id(n) is not None), None)
 
   bos = find("bos_token", _BOS_NAMES)
-  return Tokenizer(
-      encode_fn=lambda text: tok.encode(text, add_special_tokens=False).ids,
-      decode_fn=lambda ids: tok.decode(list(ids), skip_special_tokens=False),
-      special_tokens=specials, vocab_size=tok.get_vocab_size(),
-      bos_id=bos, eos_id=find("eos_token", _EOS_NAMES),
+  return from_hf(
+      tok, name=path, bos_id=bos, eos_id=find("eos_token", _EOS_NAMES),
       pad_id=find("pad_token", _PAD_NAMES),
       chat_template=_chat_template_of(config, directory),
-      add_bos=bool(config.get("add_bos_token", bos is not None)), name=path,
+      add_bos=bool(config.get("add_bos_token", bos is not None)),
       rebuild=functools.partial(from_hf_json, path))
 
 
