@@ -3,6 +3,7 @@ by transformers, for the gemma, llama3 and chatml styles."""
 import pytest
 from transformers.utils import chat_template_utils
 
+from tests.tokenizers.conftest import CHATML_TEMPLATE
 from tunejax import errors
 from tunejax import tokenizers
 
@@ -81,7 +82,6 @@ def _tok(name, toks, llama_tok):
 @pytest.mark.parametrize("gen", [False, True])
 def test_style_matches_published_template(style, tok_name, template, eot,
                                           gen, toks, llama_tok):
-  from tests.tokenizers.conftest import CHATML_TEMPLATE
   tok = _tok(tok_name, toks, llama_tok)
   template = template or CHATML_TEMPLATE
   want_text = _reference_text(template, tok, MESSAGES, gen)

@@ -9,9 +9,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from tunejax import errors
+from tests.tokenizers.conftest import CORPUS, HF_SPECIALS, SPM_CONTROL
 from tunejax import tokenizers
-
-SPM_CONTROL = ["<start_of_turn>", "<end_of_turn>"]  # As in conftest.
 
 TEXTS = [
     "The quick brown fox.",
@@ -144,7 +143,7 @@ def test_gguf_vocabulary_with_both_fixes(sp, spm_model_bytes, tmp_path,
     assert tok.encode(text) == sp.encode(text), text
   assert tok.encode("a   b") == sp.encode("a   b")  # Fix 2 (user-defined).
   rebuilt = spm.SentencePieceProcessor(
-      model_proto=open(next((tmp_path / "cache").glob("*.model")),
+      model_proto=open(next((tmp_path / "cache").glob("*.bin")),
                        "rb").read())
   assert rebuilt.unk_id() == 3  # Fix 1.
   assert len(list((tmp_path / "cache").iterdir())) == 2
@@ -152,6 +151,69 @@ def test_gguf_vocabulary_with_both_fixes(sp, spm_model_bytes, tmp_path,
   assert again.encode(TEXTS[1]) == sp.encode(TEXTS[1])
   unpickled = pickle.loads(pickle.dumps(again))
   assert unpickled.encode(TEXTS[2]) == sp.encode(TEXTS[2])
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+                r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                r"\s+(?!\S)|\s+")
+
+
+def _bpe_tokenizer_json(hf_dir, pre):
+  """The conftest BPE (GPT-2 split), or one retrained with Llama 3's split."""
+  if pre == "gpt-2":
+    return open(os.path.join(hf_dir, "tokenizer.json")).read()
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import trainers
+  tok = Tokenizer(models.BPE(ignore_merges=True))
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+      vocab_size=500, special_tokens=HF_SPECIALS, show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_tokens(["<custom>"])  # A non-special added token (USER_DEFINED).
+  return tok.to_str()
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe"])
+def test_gguf_byte_level_bpe(hf_dir, pre, tmp_path, monkeypatch):
+  """A 'gpt2' GGUF vocabulary (Llama 3 / Qwen style) equals its source."""
+  import json
+  from tokenizers import Tokenizer
+  monkeypatch.setenv("TUNEJAX_CACHE", str(tmp_path / "cache"))
+  source = _bpe_tokenizer_json(hf_dir, pre)
+  ref = Tokenizer.from_str(source)
+  spec = json.loads(source)
+  vocab = {i: t for t, i in spec["model"]["vocab"].items()}
+  added = {t["id"]: t for t in spec["added_tokens"]}
+  vocab.update({i: t["content"] for i, t in added.items()})
+  tokens = [vocab[i] for i in range(len(vocab))]
+  types = [(3 if added[i]["special"] else 4) if i in added else 1
+           for i in range(len(tokens))]
+  merges = [m if isinstance(m, str) else " ".join(m)
+            for m in spec["model"]["merges"]]
+  w = gguf.GGUFWriter(str(tmp_path / "bpe.gguf"), arch="llama")
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre(pre)
+  w.add_token_list(tokens)
+  w.add_token_types(types)
+  w.add_token_merges(merges)
+  w.add_bos_token_id(tokens.index("<|begin_of_text|>"))
+  w.add_eos_token_id(tokens.index("<|eot_id|>"))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  tok = tokenizers.load(str(tmp_path / "bpe.gguf"))
+  assert tok.bos_id == ref.token_to_id("<|begin_of_text|>")
+  assert tok.eos_id == ref.token_to_id("<|eot_id|>")
+  for text in TEXTS + ["<custom> added", "<|eot_id|>x <|im_start|>"]:
+    want = ref.encode(text, add_special_tokens=False).ids
+    assert tok.encode_with_special(text) == want, text
+    assert tok.decode(tok.encode(text)) == text
+  again = pickle.loads(pickle.dumps(tok))  # Rebuilt from the cache.
+  assert again.encode(TEXTS[3]) == tok.encode(TEXTS[3])
 
 
 def test_errors(spm_model_bytes, tmp_path):
@@ -165,7 +227,8 @@ def test_errors(spm_model_bytes, tmp_path):
     tokenizers.load(str(tmp_path))
   gpt2 = tmp_path / "gpt2.gguf"
   _write_llamacpp_style_gguf(gpt2, spm_model_bytes, tokenizer_model="gpt2")
-  with pytest.raises(errors.ModelError, match="'gpt2' is not supported"):
+  with pytest.raises(errors.ModelError, match="missing metadata "
+                     "tokenizer.ggml.merges"):
     tokenizers.load(str(gpt2))
   truncated = tmp_path / "trunc.gguf"
   _write_llamacpp_style_gguf(truncated, spm_model_bytes)

@@ -211,3 +211,23 @@ def jit_eval_step(run: Run):
         in_shardings=(sh.params, sh.frozen, run.batch_sharding),
         out_shardings=NamedSharding(run.mesh, P()))
   return run.jitted["eval"]
+
+
+def abstract_state(cfg: Config, model_cfg) -> tuple[TrainState, Run]:
+  """The sharded TrainState as ShapeDtypeStructs (nothing allocated).
+
+  For compile-only checks of large models (per-device memory on a big fake
+  mesh) and for restoring checkpoints onto a new mesh.
+  """
+  key = _run_key(cfg, model_cfg)
+  if key not in _RUNS:
+    _RUNS[key] = _make_run(cfg, model_cfg)
+  run = _RUNS[key]
+  rng, k_init, k_peft = _keys(cfg.seed)
+  shapes = jax.eval_shape(
+      lambda: _make_state(models.init(model_cfg, k_init), rng, k_peft,
+                          method=run.method, tx=run.tx))
+  state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, run.state_shardings)
+  return state, run

@@ -1,0 +1,171 @@
+"""W1 train-step benchmark: tunejax vs transformers+peft (torch) on one CPU.
+
+Workload W1: Llama architecture, vocab 32000, d=512, 8 layers, 8 heads / 2
+KV heads, head_dim 64, MLP 1536, seq 512, batch 8, LoRA r=16 alpha=32 on
+q,k,v,o,gate,up,down (or full FT with --method=none), AdamW, float32.
+
+Each contender runs in its own subprocess (so peak RSS is its own) and the
+f32 matmul peak is measured in the same run. Prints tokens/s, model TFLOP/s,
+% of the matmul peak, peak RSS, and the ratios.
+
+  python bench/train_step.py [--steps=5] [--method=lora|none] [--batch=8]
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+W1 = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8,
+          n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536,
+          rope_theta=500000.0, tie_embeddings=False)
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+           "down_proj")
+
+
+def _rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(a):
+  import jax
+  import jax.numpy as jnp
+  n = 2048
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(x).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(10):
+    y = f(x)
+  y.block_until_ready()
+  return {"tflops": 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12}
+
+
+def run_tunejax(a):
+  import jax
+  import numpy as np
+  from tunejax import config as config_lib, data
+  from tunejax.train import config as tcfg, setup
+  cfg = config_lib.build(tcfg.Config, dict(
+      total_steps=1000, model=dict(name="tiny", overrides=W1),
+      peft=(dict(method="lora", rank=16, alpha=32.0) if a.method == "lora"
+            else dict(method="none")),
+      optim=dict(name="adamw", lr=1e-4), mesh=dict(data=1),
+      data=dict(seq_len=a.seq, batch_size=a.batch)), "")
+  model_cfg, _ = setup.load_model(cfg.model)
+  state, run = setup.build(cfg, model_cfg, None)
+  step = setup.jit_train_step(run, 1)
+  rng = np.random.default_rng(0)
+  b, l = a.batch, a.seq
+  batch = {"tokens": rng.integers(0, 32000, (b, l)).astype(np.int32),
+           "targets": rng.integers(0, 32000, (b, l)).astype(np.int32),
+           "loss_mask": np.ones((b, l), np.float32),
+           "segment_ids": np.ones((b, l), np.int32),
+           "positions": np.broadcast_to(np.arange(l, dtype=np.int32),
+                                        (b, l)).copy()}
+  g = data.to_global(batch, run.mesh, run.batch_sharding)
+  key = jax.random.PRNGKey(0)
+  t = time.perf_counter()
+  state, m = step(state, g, key)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  for _ in range(a.steps):
+    state, m = step(state, g, key)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t) / a.steps
+  return {"tokens_per_sec": b * l / dt, "step_s": dt,
+          "compile_s": compile_s,
+          "tflops": model_cfg.flops_per_token(l) * b * l / dt / 1e12,
+          "rss_mb": _rss_mb()}
+
+
+def run_torch(a, compiled: bool):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  torch.set_num_threads(max(1, torch.get_num_threads()))
+  hf = transformers.LlamaConfig(
+      vocab_size=32000, hidden_size=512, intermediate_size=1536,
+      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+      head_dim=64, rope_theta=500000.0, tie_word_embeddings=False,
+      max_position_embeddings=4096)
+  model = transformers.LlamaForCausalLM(hf)
+  if a.method == "lora":
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS)))
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4)
+  ids = torch.randint(0, 32000, (a.batch, a.seq))
+  fwd = torch.compile(model) if compiled else model
+
+  def step():
+    loss = fwd(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+  t = time.perf_counter()
+  step()
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  for _ in range(a.steps):
+    step()
+  dt = (time.perf_counter() - t) / a.steps
+  return {"tokens_per_sec": a.batch * a.seq / dt, "step_s": dt,
+          "compile_s": compile_s, "rss_mb": _rss_mb()}
+
+
+CONTENDERS = {"peak": matmul_peak, "tunejax": run_tunejax,
+              "torch_eager": lambda a: run_torch(a, False),
+              "torch_compile": lambda a: run_torch(a, True)}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=512)
+  p.add_argument("--method", default="lora", choices=["lora", "none"])
+  p.add_argument("--only", default="")
+  a = p.parse_args()
+  if a.only:
+    print(json.dumps(CONTENDERS[a.only](a)))
+    return
+  res = {}
+  for name in CONTENDERS:
+    out = subprocess.run([sys.executable, __file__, f"--only={name}",
+                          f"--steps={a.steps}", f"--batch={a.batch}",
+                          f"--seq={a.seq}", f"--method={a.method}"],
+                         capture_output=True, text=True, check=False)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if out.returncode or not lines:
+      print(f"{name}: failed\n{out.stderr[-2000:]}")
+      continue
+    res[name] = json.loads(lines[-1])
+  peak = res.get("peak", {}).get("tflops")
+  print(f"\nW1 ({a.method}, batch {a.batch} x seq {a.seq}); f32 matmul peak "
+        f"{peak and peak * 1e3:.1f} GFLOP/s")
+  print(f"{'':15}{'tokens/s':>10}{'step s':>9}{'compile s':>10}"
+        f"{'GFLOP/s':>9}{'% peak':>8}{'RSS MB':>8}")
+  for name in ("tunejax", "torch_eager", "torch_compile"):
+    r = res.get(name)
+    if r:
+      gf = r.get("tflops", res.get("tunejax", {}).get("tflops", 0) *
+                 r["tokens_per_sec"] / max(res.get("tunejax", {}).get(
+                     "tokens_per_sec", 1), 1e-9)) * 1e3
+      pct = 100 * gf / (peak * 1e3) if peak else float("nan")
+      print(f"{name:15}{r['tokens_per_sec']:10.0f}{r['step_s']:9.2f}"
+            f"{r['compile_s']:10.1f}{gf:9.1f}{pct:8.1f}{r['rss_mb']:8.0f}")
+  tj = res.get("tunejax")
+  for name in ("torch_eager", "torch_compile"):
+    if tj and name in res:
+      print(f"tunejax / {name}: {tj['tokens_per_sec'] / res[name]['tokens_per_sec']:.2f}x "
+            f"tokens/s, RSS {tj['rss_mb'] / res[name]['rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()
