@@ -1,0 +1,65 @@
+"""End to end on the tiny model: sft -> export / eval / generate, plot."""
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tunejax import models, plot, train, tree
+from tunejax.train import metrics as metrics_lib
+from tests.train.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("tasks"))
+  cfg = tiny_config(total_steps=4,
+                    peft={"method": "lora", "rank": 4, "alpha": 8.0},
+                    checkpoint={"export_at_end": True, "async_save": False},
+                    log={"tensorboard": True},
+                    eval={"every": 2, "generate_examples": 4,
+                          "data": {"format": "prompt_answer"}})
+  return cfg, wd, train.run(cfg, wd)
+
+
+def test_metrics_and_files(trained):
+  _, wd, _ = trained
+  rows = metrics_lib.read(wd)
+  train_rows = [r for r in rows if "loss" in r]
+  eval_rows = [r for r in rows if "eval/loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  for r in train_rows:
+    assert {"loss", "lr", "grad_norm", "tokens_per_sec", "tflops"} <= set(r)
+  assert [r["step"] for r in eval_rows] == [0, 2, 4]
+  assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in eval_rows)
+  for f in ("config.json", "final_metrics.json", "checkpoints"):
+    assert os.path.exists(os.path.join(wd, f))
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
+  assert os.path.getsize(plot.plot(wd)) > 1000
+
+
+def test_export_is_the_merged_model(trained):
+  _, wd, out = trained
+  _, params = models.load(os.path.join(wd, "export", "hf"))
+  run, state = out["run"], out["state"]
+  want = jax.device_get(run.method.merged(state.params, state.frozen))
+  got, want = tree.flatten(params), tree.flatten(want)
+  assert got.keys() == want.keys()
+  for k in got:
+    np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+
+
+def test_eval_and_generate_tasks_use_the_checkpoint(trained, capsys):
+  cfg, wd, out = trained
+  res = train.run(dataclasses.replace(cfg, task="eval"), wd)
+  last_eval = [r for r in metrics_lib.read(wd) if "eval/loss" in r][-1]
+  np.testing.assert_allclose(res["metrics"]["eval/loss"],
+                             last_eval["eval/loss"], rtol=1e-5)
+  gen = dataclasses.replace(cfg, task="generate", eval=dataclasses.replace(
+      cfg.eval, prompts=("12+34=", "7+8="), max_new_tokens=3))
+  res = train.run(gen, wd)
+  lines = open(os.path.join(wd, "generate.jsonl")).read().splitlines()
+  assert [json.loads(l)["prompt"] for l in lines] == ["12+34=", "7+8="]
+  assert len(res["texts"]) == 2
