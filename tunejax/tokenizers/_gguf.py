@@ -27,6 +27,9 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 import tokenizers as hf_tokenizers
 
 from tunejax import errors
+# The GGUF reader lives with the model loader; this package is imported
+# lazily from tokenizers.load, so models never import tokenizers.
+from tunejax.models import gguf
 from tunejax.tokenizers._tokenizer import Tokenizer
 from tunejax.tokenizers._tokenizer import from_hf
 from tunejax.tokenizers._tokenizer import from_sentencepiece
@@ -45,7 +48,6 @@ _PRE_REGEX = {
 
 
 def is_gguf_source(path: str) -> bool:
-  from tunejax.models import gguf
   return path in gguf.ALIASES or path.endswith(".gguf")
 
 
@@ -179,7 +181,6 @@ def _cached(path: str) -> tuple[bytes, dict]:
       return f.read(), info
   except (OSError, ValueError):
     pass
-  from tunejax.models import gguf
   payload, info = build(path, gguf.read_gguf(path).metadata)
   try:
     os.makedirs(os.path.dirname(stem), exist_ok=True)
@@ -193,7 +194,6 @@ def _cached(path: str) -> tuple[bytes, dict]:
 
 def load(path: str) -> Tokenizer:
   """The tokenizer of a GGUF file (or the alias 'gemma3-270m')."""
-  from tunejax.models import gguf
   path = gguf.resolve_path(path)
   if not os.path.exists(path):
     raise errors.ModelError(f"{path}: no such GGUF file")

@@ -70,5 +70,6 @@ def generate_texts(run, state, prompt_ids, tokenizer, max_new_tokens,
                         seam=run.method.seam)
   tokens = np.asarray(out.tokens_BxT)
   lengths = np.asarray(out.lengths_B)
-  return [tokenizer.decode([int(t) for t in row[:n]])
+  stop = {tokenizer.eos_id, tokenizer.pad_id}
+  return [tokenizer.decode([int(t) for t in row[:n] if int(t) not in stop])
           for row, n in zip(tokens, lengths)]
