@@ -4,8 +4,9 @@ tests/fixtures/gemma3_270m_llamacpp.json (tools/make_llamacpp_fixture.py).
 
 Measured on the dev machine: tunejax vs transformers max |logit diff|
 9.7e-5 over 679 tokens; vs llama.cpp top-1 agreement 1.0, 1.0, 1.0 and
-0.956 (long text; transformers gets the same 0.956: the gap is llama.cpp's
-quantized arithmetic), mean |diff| on llama.cpp's top-5 logits 0.16-0.59.
+0.956 (long text; transformers gets the same 0.956, and all 30 disagreements
+are near ties: the gap is llama.cpp's quantized arithmetic), |diff| on
+llama.cpp's top-5 logits mean 0.16-0.59, max 3.1.
 """
 import json
 import os
@@ -90,7 +91,11 @@ def test_logits_match_llamacpp(packed_logits, fixture):
     ours = logits.argmax(-1)
     agreement = (ours == top_ids[:, 0]).mean()
     assert agreement >= 0.95, (p["name"], agreement)
-    # Where the top-1 differs, ours is still among llama.cpp's top 5.
+    # Where the top-1 differs, it is a near tie for us (measured margins
+    # 0.00-0.74) and ours is still among llama.cpp's top 5.
+    rows = np.nonzero(ours != top_ids[:, 0])[0]
+    margin = logits[rows, ours[rows]] - logits[rows, top_ids[rows, 0]]
+    assert margin.max(initial=0.0) <= 1.0, p["name"]
     assert (ours[:, None] == top_ids).any(-1).mean() >= 0.99, p["name"]
     diff = np.abs(np.take_along_axis(logits, top_ids, -1) - top_logits)
     # llama.cpp multiplies with Q8 activations and an f16 KV cache.

@@ -173,6 +173,9 @@ def test_errors(toks):
   upper = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
   with pytest.raises(errors.ConfigError, match="message boundaries"):
     tokenizers.chat_segments(tok, MESSAGES, template=upper)
+  from tunejax.tokenizers.byte import ByteTokenizer
+  with pytest.raises(errors.ConfigError, match="no known chat tokens"):
+    tokenizers.chat_segments(ByteTokenizer(), MESSAGES)
   failing = "{{ raise_exception('no system role') }}"
   with pytest.raises(errors.DataError, match="no system role"):
     tokenizers.chat_segments(tok, MESSAGES, template=failing)

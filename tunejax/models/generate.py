@@ -69,18 +69,18 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
   kv_shape = (cfg.n_layers, b, s, cfg.n_kv_heads, cfg.head_dim)
   cache = {
       "k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
-      "pos": jnp.zeros((b, s), jnp.int32).at[:, :p].set(pos_BxP),
-      "seg": jnp.zeros((b, s), jnp.int32).at[:, :p].set(seg_BxP),
+      "pos": jnp.zeros((b, s), jnp.int32),
+      "seg": jnp.zeros((b, s), jnp.int32),  # 0: empty slot.
       "slot": jnp.int32(0),
   }
 
-  def logits_of(tokens, pos, seg, cache):
+  def logits_of(tokens, pos, seg, cache, attend_cache=True):
     h, cache = decode(cfg, params, tokens, pos, seg, adapters=adapters,
-                      seam=seam, cache=cache)
+                      seam=seam, cache=cache, attend_cache=attend_cache)
     return logits_from_hidden(cfg, params, h[:, -1], adapters=adapters,
                               seam=seam), cache
 
-  logits, cache = logits_of(tokens_BxP, pos_BxP, seg_BxP, cache)
+  logits, cache = logits_of(tokens_BxP, pos_BxP, seg_BxP, cache, False)
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   def cond(state):
@@ -98,16 +98,8 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
     out_logp = out_logp.at[:, t].set(jnp.where(done, 0.0, logp_B))
     n_B = n_B + (~done).astype(jnp.int32)
     done = done | jnp.isin(tok_B, eos)
-    # Feed the new token: slot p + t, position = prompt length + t.
+    # Feed the new token (cache slot p + t) at position prompt length + t.
     pos_B = (lengths_B + t).astype(jnp.int32)
-    slot = p + t
-    cache = {
-        **cache, "slot": slot,
-        "pos": jax.lax.dynamic_update_slice(cache["pos"], pos_B[:, None],
-                                            (0, slot)),
-        "seg": jax.lax.dynamic_update_slice(
-            cache["seg"], jnp.ones((b, 1), jnp.int32), (0, slot)),
-    }
     logits, cache = logits_of(tok_B[:, None], pos_B[:, None],
                               jnp.ones((b, 1), jnp.int32), cache)
     return t + 1, logits, cache, done, out_tok, out_logp, n_B, rng

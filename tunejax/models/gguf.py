@@ -85,7 +85,7 @@ class _Cursor:
   def __init__(self, buf, path: str):
     self.buf, self.path, self.pos = buf, path, 0
 
-  def _need(self, n: int):
+  def need(self, n: int):
     if self.pos + n > len(self.buf):
       raise errors.ModelError(
           f"{self.path}: truncated GGUF header (needs byte {self.pos + n}, "
@@ -97,7 +97,7 @@ class _Cursor:
       raise errors.ModelError(f"{self.path}: corrupt GGUF header (value type "
                               f"{vtype} at byte {self.pos})")
     size = struct.calcsize(fmt)
-    self._need(size)
+    self.need(size)
     (value,) = struct.unpack_from(fmt, self.buf, self.pos)
     self.pos += size
     if vtype == 6:  # Shortest float32 repr: 1e-06, not 9.99999997e-07.
@@ -106,7 +106,7 @@ class _Cursor:
 
   def string(self) -> str:
     n = self.scalar(10)
-    self._need(n)
+    self.need(n)
     raw = self.buf[self.pos:self.pos + n]
     self.pos += n
     return raw.decode("utf-8", errors="replace")
@@ -126,7 +126,7 @@ class _Cursor:
       raise errors.ModelError(f"{self.path}: corrupt GGUF header (array "
                               f"type {etype} at byte {self.pos})")
     size = struct.calcsize(fmt)
-    self._need(size * count)
+    self.need(size * count)
     out = np.frombuffer(self.buf, np.dtype(fmt), count, self.pos).tolist()
     self.pos += size * count
     return out
@@ -140,7 +140,7 @@ def read_gguf(path: str) -> GGUFFile:
   except (OSError, ValueError) as e:  # ValueError: empty file.
     raise errors.ModelError(f"{path}: cannot read GGUF file ({e})") from e
   cur = _Cursor(data, path)
-  cur._need(4)
+  cur.need(4)
   if data[:4] != _MAGIC:
     raise errors.ModelError(f"{path}: not a GGUF file (bad magic)")
   cur.pos = 4

@@ -83,20 +83,31 @@ def attention_mask(q_idx_L: jax.Array, k_idx_S: jax.Array,
   return mask
 
 
-def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, k_BxSxGxK: jax.Array,
-              v_BxSxGxK: jax.Array, mask_BxLxS: jax.Array) -> jax.Array:
-  """Grouped-query attention with float32 scores/softmax -> [B, L, H, K]."""
+def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks) -> jax.Array:
+  """Grouped-query attention over key/value blocks -> [B, L, H, K].
+
+  `blocks` is a sequence of (k [B, S, G, K], v [B, S, G, K], mask
+  [B, L, S]); one softmax (float32) runs over all of them jointly. Decoding
+  passes (cache, its mask) and (new keys, their mask), so the cache is only
+  read, never copied, inside the layer.
+  """
   b, l, h, k = q_BxLxHxK.shape
-  g = k_BxSxGxK.shape[2]
+  g = blocks[0][0].shape[2]
   q = q_BxLxHxK.reshape(b, l, g, h // g, k)
-  scalar = cfg.query_pre_attn_scalar or cfg.head_dim
-  s = jnp.einsum("blgrk,bsgk->bgrls", q, k_BxSxGxK,
-                 preferred_element_type=jnp.float32) * (scalar ** -0.5)
-  if cfg.attn_softcap is not None:
-    s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-  s = jnp.where(mask_BxLxS[:, None, None], s, _MASK_VALUE)
-  p = jax.nn.softmax(s, axis=-1).astype(v_BxSxGxK.dtype)
-  o = jnp.einsum("bgrls,bsgk->blgrk", p, v_BxSxGxK)
+  scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+  scores = []
+  for kb, _, mask in blocks:
+    s = jnp.einsum("blgrk,bsgk->bgrls", q, kb.astype(q.dtype),
+                   preferred_element_type=jnp.float32) * scale
+    if cfg.attn_softcap is not None:
+      s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+    scores.append(jnp.where(mask[:, None, None], s, _MASK_VALUE))
+  p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+  o, start = 0, 0
+  for kb, vb, _ in blocks:
+    pb = p[..., start:start + kb.shape[1]].astype(q.dtype)
+    o = o + jnp.einsum("bgrls,bsgk->blgrk", pb, vb.astype(q.dtype))
+    start += kb.shape[1]
   return o.reshape(b, l, h, k)
 
 

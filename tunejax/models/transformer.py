@@ -108,17 +108,31 @@ def _sub(tree: dict | None, *path: str) -> dict:
 
 
 class _Context(NamedTuple):
-  """Per-call data shared by all layers (masks, RoPE tables, cache slot)."""
-  mask_global: jax.Array
-  mask_local: jax.Array | None
+  """Per-call data shared by all layers: masks and RoPE tables.
+
+  Masks are (global, local-or-None) pairs; `cache_masks` covers the KV-cache
+  slots written by earlier calls (None without a cache).
+  """
+  masks: tuple
+  cache_masks: tuple | None
   rope_global: tuple[jax.Array, jax.Array]
   rope_local: tuple[jax.Array, jax.Array] | None
-  slot: jax.Array | None  # First cache slot written by this call.
+
+
+def _pick(pair, is_local):
+  """The local or global member of a (global, local-or-None) pair."""
+  glob, loc = pair
+  return glob if loc is None else jnp.where(is_local, loc, glob)
 
 
 def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
-           lp: dict, la: dict, is_local: jax.Array, cache, index):
-  """One pre-norm decoder block. Returns (x, cache)."""
+           lp: dict, la: dict, is_local: jax.Array, cache_kv, *,
+           return_kv: bool):
+  """One pre-norm decoder block.
+
+  `cache_kv` is None or this layer's (k, v) cache [B, S, G, K], read only.
+  Returns (x, this call's (k, v) if `return_kv` else None).
+  """
   b, l, _ = x.shape
   norm = functools.partial(layers.rms_norm, eps=cfg.norm_eps,
                            offset=cfg.norm_offset)
@@ -138,24 +152,16 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
     k = norm(k, at["k_norm"]["scale"])
   q = sh.constrain(q, (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_HEADS, None))
   cos, sin = ctx.rope_global
-  mask = ctx.mask_global
   if ctx.rope_local is not None:
     cos = jnp.where(is_local, ctx.rope_local[0], cos)
     sin = jnp.where(is_local, ctx.rope_local[1], sin)
-  if ctx.mask_local is not None:
-    mask = jnp.where(is_local, ctx.mask_local, mask)
   q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
   k = seam.act("attn/k", k, _sub(aa, "k"))
   v = seam.act("attn/v", v, _sub(aa, "v"))
-  if cache is not None:  # Write this call's keys/values, attend to all slots.
-    ck, cv = cache
-    at_slot = (index, 0, ctx.slot, 0, 0)
-    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at_slot)
-    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at_slot)
-    cache = (ck, cv)
-    k = jax.lax.dynamic_index_in_dim(ck, index, 0, keepdims=False)
-    v = jax.lax.dynamic_index_in_dim(cv, index, 0, keepdims=False)
-  o = layers.attention(cfg, q, k.astype(q.dtype), v.astype(q.dtype), mask)
+  blocks = [(k, v, _pick(ctx.masks, is_local))]
+  if cache_kv is not None:
+    blocks.insert(0, (*cache_kv, _pick(ctx.cache_masks, is_local)))
+  o = layers.attention(cfg, q, blocks)
   o = seam.act("attn/heads", o, _sub(aa, "heads"))
   o = linear("attn/o", o.reshape(b, l, -1), at["o"], _sub(aa, "o"))
   if cfg.post_norms:
@@ -172,7 +178,8 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   o = linear("mlp/down", hid, mp["down"], _sub(ma, "down"))
   if cfg.post_norms:
     o = norm(o, lp["post_mlp_norm"]["scale"])
-  return sh.constrain(x + o, _BLD), cache
+  new_kv = (k, v) if return_kv else None
+  return sh.constrain(x + o, _BLD), new_kv
 
 
 _REMAT_POLICIES = {
@@ -181,54 +188,60 @@ _REMAT_POLICIES = {
 }
 
 
-def _make_context(cfg: ModelConfig, q_idx_L, k_idx_S, q_pos, k_pos, q_seg,
-                  k_seg, slot) -> _Context:
-  has_local = "local" in cfg.layer_types
-  mask = functools.partial(layers.attention_mask, q_idx_L, k_idx_S, q_pos,
-                           k_pos, q_seg, k_seg)
-  global_freq = layers.inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-  local_freq = layers.inv_freq(cfg.head_dim, cfg.local_theta, None)
-  return _Context(
-      mask_global=mask(None),
-      mask_local=mask(cfg.sliding_window) if has_local else None,
-      rope_global=layers.rope_tables(q_pos, global_freq),
-      rope_local=layers.rope_tables(q_pos, local_freq) if has_local else None,
-      slot=slot)
+def _masks(cfg: ModelConfig, *args, extra=None) -> tuple:
+  """(global, local-or-None) masks from `layers.attention_mask` args."""
+  glob = layers.attention_mask(*args, None)
+  loc = (layers.attention_mask(*args, cfg.sliding_window)
+         if "local" in cfg.layer_types else None)
+  if extra is not None:
+    glob, loc = glob & extra, None if loc is None else loc & extra
+  return glob, loc
+
+
+def _rope(cfg: ModelConfig, positions_BxL):
+  glob = layers.rope_tables(positions_BxL, layers.inv_freq(
+      cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+  if "local" not in cfg.layer_types:
+    return glob, None
+  return glob, layers.rope_tables(positions_BxL, layers.inv_freq(
+      cfg.head_dim, cfg.local_theta, None))
 
 
 def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
-           cache):
-  """Runs all layers (scan or Python loop). Returns (x, cache)."""
+           cache_kv, return_kv: bool):
+  """Runs all layers (scan or Python loop). Returns (x, new kv or None)."""
   is_local = jnp.asarray(np.array([t == "local" for t in cfg.layer_types]))
-  body = functools.partial(_layer, cfg, seam, ctx)
+  body = functools.partial(_layer, cfg, seam, ctx, return_kv=return_kv)
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
   lp_all, la_all = params["layers"], _sub(adapters, "layers")
   if not cfg.scan_layers:
+    new = []
     for i in range(cfg.n_layers):
       pick = lambda t, i=i: jax.tree.map(lambda a: a[i], t)
-      x, cache = body(x, pick(lp_all), pick(la_all), is_local[i], cache, i)
-    return x, cache
+      x, kv = body(x, pick(lp_all), pick(la_all), is_local[i],
+                   pick(cache_kv))
+      new.append(kv)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *new)
 
-  def step(carry, xs):
-    x, cache = carry
-    lp, la, local, i = xs
-    return body(x, lp, la, local, cache, i), None
+  def step(x, xs):
+    return body(x, *xs)
 
-  xs = (lp_all, la_all, is_local, jnp.arange(cfg.n_layers))
-  (x, cache), _ = jax.lax.scan(step, (x, cache), xs)
-  return x, cache
+  return jax.lax.scan(step, x, (lp_all, la_all, is_local, cache_kv))
 
 
 def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
            segment_ids_BxL, *, adapters=None, seam: Seam = DEFAULT_SEAM,
-           cache=None):
+           cache=None, attend_cache: bool = True):
   """Final-normed hidden states, optionally through a KV cache.
 
   `cache` is None (attend within `tokens`) or a dict with 'k', 'v'
   [n_layers, B, S, G, K], 'pos', 'seg' [B, S] (key positions and segment
-  ids already updated for this call's tokens) and 'slot' (scalar, first slot
-  of this call). Returns (h_BxLxD, cache).
+  ids, 0 = empty) and 'slot' (scalar: slots before it are filled). Tokens
+  attend to the filled slots and causally to each other; their keys,
+  values, positions and segments are then written at `slot` in one update
+  per array, and `slot` advances by L. `attend_cache=False` skips reading
+  the cache (prefill of an empty cache). Returns (h_BxLxD, cache).
   """
   dtype = jnp.dtype(cfg.dtype)
   l = tokens_BxL.shape[1]
@@ -237,22 +250,32 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   if cfg.embed_scale:  # HF rounds the scale to the compute dtype first.
     x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
   x = sh.constrain(x, _BLD)
-  q_idx = jnp.arange(l)
-  if cache is None:
-    ctx = _make_context(cfg, q_idx, q_idx, positions_BxL, positions_BxL,
-                        segment_ids_BxL, segment_ids_BxL, None)
-    kv = None
-  else:
-    s = cache["k"].shape[2]
-    ctx = _make_context(cfg, q_idx + cache["slot"], jnp.arange(s),
-                        positions_BxL, cache["pos"], segment_ids_BxL,
-                        cache["seg"], cache["slot"])
-    kv = (cache["k"], cache["v"])
-  x, kv = _stack(cfg, seam, ctx, x, params, adapters, kv)
+  idx = jnp.arange(l)
+  masks = _masks(cfg, idx, idx, positions_BxL, positions_BxL,
+                 segment_ids_BxL, segment_ids_BxL)
+  cache_masks, cache_kv = None, None
+  if cache is not None and attend_cache:
+    slot, k_idx = cache["slot"], jnp.arange(cache["k"].shape[2])
+    cache_masks = _masks(cfg, idx + slot, k_idx, positions_BxL, cache["pos"],
+                         segment_ids_BxL, cache["seg"],
+                         extra=(k_idx < slot)[None, None])
+    cache_kv = (cache["k"], cache["v"])
+  ctx = _Context(masks, cache_masks, *_rope(cfg, positions_BxL))
+  x, new_kv = _stack(cfg, seam, ctx, x, params, adapters, cache_kv,
+                     cache is not None)
   h = layers.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps,
                       cfg.norm_offset)
   if cache is not None:
-    cache = {**cache, "k": kv[0], "v": kv[1]}
+    put = lambda buf, new, at: jax.lax.dynamic_update_slice(
+        buf, new.astype(buf.dtype), at)
+    slot = cache["slot"]
+    cache = {
+        "k": put(cache["k"], new_kv[0], (0, 0, slot, 0, 0)),
+        "v": put(cache["v"], new_kv[1], (0, 0, slot, 0, 0)),
+        "pos": put(cache["pos"], positions_BxL, (0, slot)),
+        "seg": put(cache["seg"], segment_ids_BxL, (0, slot)),
+        "slot": slot + l,
+    }
   return h, cache
 
 

@@ -186,18 +186,21 @@ def _split_assistant_end(tok: Tokenizer, pieces: list[Piece]) -> list[Piece]:
 
 
 def _detect_style(tok: Tokenizer) -> str:
+  # getattr: toy tokenizers (tokenizers.byte) have no specials at all.
+  specials = getattr(tok, "special_tokens", {})
   for style, (start, _) in _STYLE_TOKENS.items():
-    if start in tok.special_tokens:
+    if start in specials:
       return style
   raise errors.ConfigError(
-      f"tokenizer {tok.name}: no chat template and no known chat tokens; "
-      f"pass style= one of {list(CHAT_STYLES)} or template=")
+      f"tokenizer {getattr(tok, 'name', type(tok).__name__)}: no chat "
+      f"template and no known chat tokens; pass style= one of "
+      f"{list(CHAT_STYLES)} or template=")
 
 
 def _pieces(tok, messages, style, template, add_generation_prompt):
   _check_messages(messages)
   if template is None and style is None:
-    template = tok.chat_template
+    template = getattr(tok, "chat_template", None)
     if template is None:
       style = _detect_style(tok)
   if style is not None:
