@@ -19,6 +19,7 @@ from tunejax import errors
 from tunejax.models.config import ModelConfig
 from tunejax.models.seam import DEFAULT_SEAM, Seam
 from tunejax.models.transformer import decode, logits_from_hidden
+from tunejax.models.transformer import split_layers
 
 _BUCKET = 8  # Prompt lengths are padded up to a multiple (fewer compiles).
 
@@ -66,7 +67,7 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
   idx_P = jnp.arange(p)
   pos_BxP = jnp.maximum(idx_P[None] - pad_B[:, None], 0).astype(jnp.int32)
   seg_BxP = (idx_P[None] >= pad_B[:, None]).astype(jnp.int32)
-  kv_shape = (cfg.n_layers, b, s, cfg.n_kv_heads, cfg.head_dim)
+  kv_shape = (cfg.n_layers, b, cfg.n_kv_heads, s, cfg.head_dim)
   cache = {
       "k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
       "pos": jnp.zeros((b, s), jnp.int32),
@@ -74,13 +75,18 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
       "slot": jnp.int32(0),
   }
 
-  def logits_of(tokens, pos, seg, cache, attend_cache=True):
+  def logits_of(params, adapters, tokens, pos, seg, cache, attend_cache=True):
     h, cache = decode(cfg, params, tokens, pos, seg, adapters=adapters,
                       seam=seam, cache=cache, attend_cache=attend_cache)
     return logits_from_hidden(cfg, params, h[:, -1], adapters=adapters,
                               seam=seam), cache
 
-  logits, cache = logits_of(tokens_BxP, pos_BxP, seg_BxP, cache, False)
+  # Prefill with stacked layers (scanned), then decode with per-layer
+  # weights and cache buffers split once, outside the loop.
+  logits, cache = logits_of(params, adapters, tokens_BxP, pos_BxP, seg_BxP,
+                            cache, False)
+  cache = {**cache, "k": list(cache["k"]), "v": list(cache["v"])}
+  params_l, adapters_l = split_layers(params), split_layers(adapters)
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   def cond(state):
@@ -100,7 +106,8 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
     done = done | jnp.isin(tok_B, eos)
     # Feed the new token (cache slot p + t) at position prompt length + t.
     pos_B = (lengths_B + t).astype(jnp.int32)
-    logits, cache = logits_of(tok_B[:, None], pos_B[:, None],
+    logits, cache = logits_of(params_l, adapters_l, tok_B[:, None],
+                              pos_B[:, None],
                               jnp.ones((b, 1), jnp.int32), cache)
     return t + 1, logits, cache, done, out_tok, out_logp, n_B, rng
 
