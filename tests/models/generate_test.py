@@ -4,7 +4,6 @@ Reference: teacher-forced `forward` over prompt + generated tokens, which
 must reproduce the KV-cache decode's log-probs and respect top-k.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -98,3 +97,10 @@ def test_per_row_eos_stop_and_padded_array_input(params, greedy):
   from_array = models.generate(CFG, params, arr, 16, eos_id=-1,
                                lengths=[len(p) for p in PROMPTS])
   np.testing.assert_array_equal(from_array.tokens_BxT, greedy.tokens_BxT)
+
+
+def test_unscanned_remat_config_generates_the_same(params, greedy):
+  cfg = CFG.replace(scan_layers=False, remat="full")
+  out = models.generate(cfg, params, PROMPTS, 16, eos_id=-1)
+  np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
+  np.testing.assert_allclose(out.logps_BxT, greedy.logps_BxT, atol=1e-5)

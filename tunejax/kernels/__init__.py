@@ -1,5 +1,11 @@
-"""Fused token-loss ops over (hidden states, unembedding) pairs."""
-from tunejax.kernels.token_stats import TokenStats
-from tunejax.kernels.token_stats import token_stats
+"""Fused token-loss ops over (hidden states, unembedding) pairs.
+
+token_stats: per-token log-prob / logsumexp / entropy / smoothing term.
+token_kl: per-token full-vocabulary KL between a policy and a reference.
+sample_candidates: Gumbel-top-k candidate tokens with their log-probs.
+None of them materialises `[N, V]` logits.
+"""
 from tunejax.kernels.divergence import token_kl
 from tunejax.kernels.sampling import sample_candidates
+from tunejax.kernels.token_stats import TokenStats
+from tunejax.kernels.token_stats import token_stats

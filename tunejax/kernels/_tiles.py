@@ -47,6 +47,13 @@ def unscale_grad(g_s, s, sc: Scaling):
   return g_s
 
 
+def common_dtype(*arrays):
+  """Casts matmul operands to one dtype (e.g. bf16 activations with f32
+  master weights); autodiff casts the cotangents back."""
+  dtype = jnp.result_type(*arrays)
+  return tuple(x.astype(dtype) for x in arrays)
+
+
 def matmul(h, w):
   """Logit tile with float32 accumulation whatever the input dtype."""
   return jax.lax.dot_general(

@@ -1,7 +1,9 @@
 """Chunked XLA drivers: loops over (token, vocabulary) tiles of h @ w.
 
-Any backend. A tile is `[block_n, block_v]` float32, so memory is
-O(block_n * block_v + N * D) however large the vocabulary is.
+Any backend. Both drivers loop over vocabulary chunks (outer) and token
+blocks (inner), so each w chunk is read once per pass, and hold one
+`[block_n, block_v]` float32 tile plus `[N, D]` / `[N, k]` per-token state:
+memory is O(block_n * block_v + block_v * D + N * D) for any vocabulary.
 
 The vocabulary is never padded (padding w would copy the whole unembedding):
 the last vocabulary chunk starts at `V - block_v` instead and masks the
@@ -54,19 +56,8 @@ def _opaque(ws):
   return jax.lax.optimization_barrier(ws)
 
 
-def _compute_dtype(dtype):
-  """Matmul operand dtype: float32 on CPU, the input dtype elsewhere.
-
-  XLA:CPU runs bf16 dots by upcasting both operands per call, which in the
-  tile loops cost ~2x a float32 dot (measured); upcasting once per chunk
-  is cheaper and more exact. TPU/GPU keep bf16 for the MXU/tensor cores.
-  """
-  return jnp.float32 if jax.default_backend() == "cpu" else dtype
-
-
 def _chunks(ws, v0, block_v):
-  return tuple(_w_chunk(w, v0, block_v).astype(_compute_dtype(w.dtype))
-               for w in ws)
+  return tuple(_w_chunk(w, v0, block_v) for w in ws)
 
 
 def _logits(hs, w_chunks):
@@ -105,8 +96,7 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
   n, v = pairs[0][0].shape[0], pairs[0][1].shape[1]
   bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
   n_pad = n_blocks * bn
-  hs = tuple(_pad_rows(h, n_pad).astype(_compute_dtype(h.dtype))
-             for h, _ in pairs)
+  hs = tuple(_pad_rows(h, n_pad) for h, _ in pairs)
   rs = tuple(_pad_rows(r, n_pad, -1) for r in rows)
 
   def vocab_chunk(j, carry):
@@ -148,8 +138,7 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
   n, v = h.shape[0], w.shape[1]
   bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
   n_pad = n_blocks * bn
-  hs = tuple(_pad_rows(x, n_pad).astype(_compute_dtype(x.dtype))
-             for x, _ in pairs)
+  hs = tuple(_pad_rows(x, n_pad) for x, _ in pairs)
   rs = tuple(_pad_rows(r, n_pad, -1) for r in rows)
   row_ids = jnp.arange(n_pad, dtype=jnp.int32)[:, None]
 

@@ -48,8 +48,8 @@ class _Acc(NamedTuple):
 
 
 def token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, *, direction="forward",
-             softcap=None, temperature=1.0, impl="auto", block_n=1024,
-             block_v=2048):
+             softcap=None, temperature=1.0, impl="auto", block_n=256,
+             block_v=8192):
   """Per-token KL(p_ref || p) ('forward') or KL(p || p_ref) ('reverse').
 
   Args:
@@ -74,6 +74,8 @@ def token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, *, direction="forward",
   sc = _tiles.Scaling(None if softcap is None else float(softcap),
                       float(temperature))
   h_ref_NxD, w_ref_DxV = jax.lax.stop_gradient((h_ref_NxD, w_ref_DxV))
+  h_NxD, w_DxV = _tiles.common_dtype(h_NxD, w_DxV)
+  h_ref_NxD, w_ref_DxV = _tiles.common_dtype(h_ref_NxD, w_ref_DxV)
   if impl == "naive":
     return _reference.token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV,
                                direction == "reverse", sc)

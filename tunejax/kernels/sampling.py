@@ -15,7 +15,7 @@ from tunejax.kernels import _xla
 
 
 def sample_candidates(h_NxD, w_DxV, rng, k, *, temperature=1.0, softcap=None,
-                      block_n=1024, block_v=2048):
+                      block_n=256, block_v=8192):
   """K distinct tokens per position from softmax(softcap(h @ w) / T).
 
   Args:
@@ -33,7 +33,7 @@ def sample_candidates(h_NxD, w_DxV, rng, k, *, temperature=1.0, softcap=None,
   """
   sc = _tiles.Scaling(None if softcap is None else float(softcap),
                       float(temperature))
-  h_NxD, w_DxV = jax.lax.stop_gradient((h_NxD, w_DxV))
+  h_NxD, w_DxV = _tiles.common_dtype(*jax.lax.stop_gradient((h_NxD, w_DxV)))
   row_ids = jnp.arange(h_NxD.shape[0], dtype=jnp.int32)[:, None]
 
   def init(rows):

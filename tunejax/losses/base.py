@@ -22,11 +22,16 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, Any]]]
 _REGISTRY: dict[str, LossFn] = {}
 
 
-def register(name: str):
-  """Decorator adding a loss under `name`; duplicate names raise."""
+def register(name: str, *, needs_ref: bool = False):
+  """Decorator adding a loss under `name`; duplicate names raise.
+
+  `needs_ref=True` makes the train step also compute the reference model's
+  `Head` (the frozen base: PEFT adapters off) and pass it as `ref`.
+  """
   def deco(fn: LossFn) -> LossFn:
     if name in _REGISTRY:
       raise ValueError(f"loss '{name}' registered twice")
+    fn.needs_ref = needs_ref
     _REGISTRY[name] = fn
     return fn
   return deco

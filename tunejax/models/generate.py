@@ -19,7 +19,6 @@ from tunejax import errors
 from tunejax.models.config import ModelConfig
 from tunejax.models.seam import DEFAULT_SEAM, Seam
 from tunejax.models.transformer import decode, logits_from_hidden
-from tunejax.models.transformer import split_layers
 
 _BUCKET = 8  # Prompt lengths are padded up to a multiple (fewer compiles).
 
@@ -81,12 +80,9 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
     return logits_from_hidden(cfg, params, h[:, -1], adapters=adapters,
                               seam=seam), cache
 
-  # Prefill with stacked layers (scanned), then decode with per-layer
-  # weights and cache buffers split once, outside the loop.
+  # Prefill only writes the (empty) cache; decode steps read it.
   logits, cache = logits_of(params, adapters, tokens_BxP, pos_BxP, seg_BxP,
                             cache, False)
-  cache = {**cache, "k": list(cache["k"]), "v": list(cache["v"])}
-  params_l, adapters_l = split_layers(params), split_layers(adapters)
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   def cond(state):
@@ -106,9 +102,9 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
     done = done | jnp.isin(tok_B, eos)
     # Feed the new token (cache slot p + t) at position prompt length + t.
     pos_B = (lengths_B + t).astype(jnp.int32)
-    logits, cache = logits_of(params_l, adapters_l, tok_B[:, None],
-                              pos_B[:, None],
-                              jnp.ones((b, 1), jnp.int32), cache)
+    logits, cache = logits_of(params, adapters, tok_B[:, None],
+                              pos_B[:, None], jnp.ones((b, 1), jnp.int32),
+                              cache)
     return t + 1, logits, cache, done, out_tok, out_logp, n_B, rng
 
   state = (jnp.int32(0), logits, cache, jnp.zeros((b,), bool),

@@ -53,6 +53,16 @@ class Method:
     del rng
     return tree.merge(trainable, frozen), None
 
+  def reference(self, trainable, frozen) -> tuple[dict, Any]:
+    """(model params, adapters) of the reference model for losses that
+    need one: the base model before fine-tuning. Adapter methods return the
+    frozen base with adapters off; full fine-tuning has no such copy."""
+    del trainable, frozen
+    raise errors.ConfigError(
+        f"config.loss.name needs a reference model, which peft.method "
+        f"'{self.cfg.method}' does not keep (use an adapter method such as "
+        "'lora': its reference is the base with adapters off)")
+
   def merged(self, trainable, frozen) -> dict:
     """Plain model params with the method folded in (for export)."""
     return self.assemble(trainable, frozen)[0]

@@ -99,6 +99,10 @@ class Lora(Method):
         self._scales[m] = self.scale(r, alpha)
     return frozen, trainable
 
+  def reference(self, trainable, frozen):
+    del trainable
+    return frozen, None
+
   def merged(self, trainable, frozen):
     base, adapters = self.assemble(trainable, frozen)
     flat, ad = tree.flatten(base), tree.flatten(adapters)

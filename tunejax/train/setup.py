@@ -58,21 +58,33 @@ def load_tokenizer(ms: ModelSection):
   return tokenizers.load(path)
 
 
-def make_apply(model_cfg, method: peft.Method):
-  """apply(params, frozen, batch, rng) -> losses.Head."""
+def _head(model_cfg, base, adapters, seam, batch) -> losses.Head:
+  h = models.hidden(model_cfg, base, batch["tokens"], batch["positions"],
+                    batch["segment_ids"], adapters=adapters, seam=seam)
+  return losses.Head(h, models.unembedding(model_cfg, base),
+                     model_cfg.final_logit_softcap)
+
+
+def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False):
+  """apply(params, frozen, batch, rng) -> (policy Head, reference Head|None).
+
+  The reference is the frozen base model (PEFT adapters off), computed in
+  the same step under `stop_gradient`; only losses that ask for it pay.
+  """
   def apply(params, frozen, batch, rng):
     base, adapters = method.assemble(params, frozen, rng)
-    h = models.hidden(model_cfg, base, batch["tokens"], batch["positions"],
-                      batch["segment_ids"], adapters=adapters,
-                      seam=method.seam)
-    return losses.Head(h, models.unembedding(model_cfg, base),
-                       model_cfg.final_logit_softcap)
+    policy = _head(model_cfg, base, adapters, method.seam, batch)
+    if not with_ref:
+      return policy, None
+    ref_base, ref_adapters = method.reference(params, frozen)
+    ref = _head(model_cfg, ref_base, ref_adapters, method.seam, batch)
+    return policy, jax.tree.map(jax.lax.stop_gradient, ref)
   return apply
 
 
 def make_loss(name: str, options: dict):
   fn = functools.partial(losses.get(name), **options)
-  return lambda head, batch: fn(head, batch, ref=None)
+  return lambda heads, batch: fn(heads[0], batch, ref=heads[1])
 
 
 class Run(NamedTuple):
@@ -138,7 +150,8 @@ def _make_run(cfg: Config, model_cfg) -> Run:
   return Run(model_cfg=model_cfg, method=method, tx=tx, lr_schedule=sched,
              mesh=mesh, rules=rules, state_shardings=state_sh,
              batch_sharding=sharding.batch_sharding(mesh, rules),
-             apply_fn=make_apply(model_cfg, method),
+             apply_fn=make_apply(
+                 model_cfg, method, with_ref=losses.get(cfg.loss.name).needs_ref),
              loss_fn=make_loss(cfg.loss.name, cfg.loss.options), jitted={})
 
 

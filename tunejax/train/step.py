@@ -15,8 +15,8 @@ import optax
 from tunejax.losses import Head
 from tunejax.state import TrainState
 
-# apply_fn(params, frozen, batch, rng) -> Head
-ApplyFn = Callable[..., Head]
+# apply_fn(params, frozen, batch, rng) -> (policy Head, reference Head | None)
+ApplyFn = Callable[..., tuple[Head, Head | None]]
 
 
 def _split_micro(batch, n: int):
