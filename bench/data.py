@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -67,7 +69,12 @@ def main():
   parser.add_argument("--rows", type=int, default=4000)
   parser.add_argument("--seq_len", type=int, default=1024)
   parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--train_step", default=True,
+                      action=argparse.BooleanOptionalAction,
+                      help="also time the W1 LoRA train step and print the "
+                      "pipeline / train-step ratio")
   args = parser.parse_args()
+  rates = []
   tok = (byte.ByteTokenizer() if args.tokenizer == "byte"
          else tokenizers.load(args.tokenizer))
   with tempfile.TemporaryDirectory() as tmp:
@@ -79,9 +86,24 @@ def main():
                               batch_size=args.batch_size, num_epochs=1,
                               truncation="right")
         r = bench(cfg, tok)
+        rates.append(r["tokens_per_sec"])
         print(f"{fmt:18s} packing={packing!s:5s} {r['tokens']:>9,d} tokens "
               f"in {r['seconds']:6.2f}s = {r['tokens_per_sec']:>10,.0f} "
               f"tokens/s, packing efficiency {r['packing_efficiency']:.3f}")
+  if args.train_step:
+    step = _train_step_tokens_per_sec()
+    print(f"W1 LoRA train step: {step:,.0f} tokens/s; slowest pipeline / "
+          f"train step = {min(rates) / step:,.1f}x (target >= 10x)")
+
+
+def _train_step_tokens_per_sec() -> float:
+  """W1 train-step tokens/s from bench/train_step.py, in a subprocess."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "train_step.py")
+  out = subprocess.run([sys.executable, script, "--only=tunejax",
+                        "--steps=2"], capture_output=True, text=True,
+                       check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])["tokens_per_sec"]
 
 
 if __name__ == "__main__":

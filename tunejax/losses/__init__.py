@@ -9,5 +9,7 @@ gradient accumulation exactly token-weighted.
 """
 from tunejax.losses.base import Head, LossFn, get, names, register
 from tunejax.losses import sft  # noqa: F401  (registers the SFT losses)
+from tunejax.losses import rollout  # noqa: F401  (otr)
+from tunejax.losses import token_select  # noqa: F401  (rho1, sstoken)
 
 __all__ = ["Head", "LossFn", "get", "names", "register"]

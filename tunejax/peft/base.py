@@ -11,7 +11,8 @@ from tunejax.models.seam import Seam
 
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-  method: str = "none"  # none (full FT) | freeze | lora | rslora
+  # none (full FT) | freeze | lora | rslora | dora | pissa | olora | vera
+  method: str = "none"
   # 'freeze': regexes over param names that stay trainable (others frozen).
   trainable: tuple[str, ...] = (".*",)
   # LoRA family.
@@ -21,6 +22,9 @@ class PeftConfig:
   targets: tuple[str, ...] = (r"layers/(attn/(q|k|v|o)|mlp/(gate|up|down))",)
   # (regex, rank, alpha) per-target overrides; first match wins.
   overrides: tuple[tuple[str, int, float], ...] = ()
+  rslora: bool = False  # s = alpha / sqrt(r) for any LoRA-family method
+  svd_niter: int = 0  # PiSSA: 0 = exact SVD, k > 0 = randomized, k iters
+  vera_d_init: float = 0.1  # VeRA: initial lambda_d
 
   def validate(self):
     if self.method not in _REGISTRY:

@@ -1,13 +1,29 @@
-"""LoRA and rsLoRA through the model's seam.
+"""The LoRA family through the model's seam: LoRA, rsLoRA, DoRA, PiSSA,
+OLoRA, VeRA.
 
-    y = x W (+ b) + s · (x A) B,   A: [in, r], B: [r, out]
+    LoRA   y = x W (+ b) + s · (x A) B,         A: [in, r], B: [r, out]
+    DoRA   y = (x W + s·(x A) B) · m / sg(||W + s·sg(A B)||_c) (+ b)
+    VeRA   y = x W (+ b) + ((x A_sh ⊙ λ_d) B_sh) ⊙ λ_b
 
-A is Kaiming-uniform (bound 1/sqrt(in), PEFT's default), B is zero, so the
-adapted model starts exactly at the base model. s = alpha / r (LoRA, Hu et
-al. 2021) or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023). Targets are
-regexes over module paths (a kernel's name without '/kernel', e.g.
-'layers/attn/q'); layer-stacked kernels get layer-stacked adapters, and A/B
-share their base weight's sharded axis (logical names 'rank' for r).
+LoRA (Hu et al. 2021): A Kaiming-uniform (bound 1/sqrt(in), PEFT's
+default), B zero, so training starts exactly at the base model; s = alpha/r,
+or alpha/sqrt(r) for rsLoRA (Kalajdzievski 2023, `peft.rslora` or method
+'rslora'). DoRA (Liu et al. 2024, arXiv 2402.09353 §4.3; PEFT
+`lora/dora.py`): learned magnitude m initialised to the column norms of W;
+the norm is detached, as in the paper and PEFT. PiSSA / OLoRA: SVD / QR
+initialisations with a residual frozen base (see `lowrank.py`); their
+initial adapters are kept in `frozen['peft']['init']` so the reference
+model (the base before fine-tuning) and PEFT export stay exact. VeRA (Kopiczko
+et al. 2024, arXiv 2310.11454; PEFT `tuners/vera`): one frozen random pair
+A_sh [max_in, r], B_sh [r, max_out] shared by every target (sliced to each
+module's size), trainable λ_d (init `vera_d_init`) and λ_b (init 0).
+
+Targets are regexes over module paths (a kernel's name without '/kernel',
+e.g. 'layers/attn/q'); layer-stacked kernels get layer-stacked adapters,
+and adapters share their base weight's sharded axis (logical 'rank' for r).
+Dropout (rate `peft.dropout`, on the adapter branch's input, as PEFT) draws
+from the step rng passed to `assemble`; without an rng (eval, generate) it
+is off.
 """
 from __future__ import annotations
 
@@ -20,21 +36,63 @@ import jax.numpy as jnp
 
 from tunejax import errors, tree
 from tunejax.models.seam import Seam
+from tunejax.peft import lowrank
 from tunejax.peft.base import Method, PeftConfig, register
+
+EXTRA = "peft"  # frozen[EXTRA]: method-owned frozen tensors (not model params)
+
+
+def _dropout(x, key, rate: float):
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSeam(Seam):
-  """Adds s·(x A) B to every linear that has `lora_a`/`lora_b` adapters."""
+  """Adapts every linear whose adapters hold `lora_a` (LoRA, DoRA with a
+  `magnitude`) or `vera_a` (VeRA); others run plain."""
   scales: tuple[tuple[str, float], ...] = ()
+  dropout: float = 0.0
 
   def linear(self, name, x, kernel, bias, adapters):
-    y = super().linear(name, x, kernel, bias, adapters)
-    if "lora_a" not in adapters:
-      return y
-    a = adapters["lora_a"].astype(x.dtype)
-    b = adapters["lora_b"].astype(x.dtype)
-    return y + dict(self.scales)[name] * jnp.dot(jnp.dot(x, a), b)
+    if "lora_a" not in adapters and "vera_a" not in adapters:
+      return super().linear(name, x, kernel, bias, adapters)
+    xd = x  # The adapter branch's (dropped-out) input.
+    if "dropout_key" in adapters and self.dropout > 0:
+      xd = _dropout(x, adapters["dropout_key"], self.dropout)
+    cast = lambda k: adapters[k].astype(x.dtype)
+    y = jnp.dot(x, kernel.astype(x.dtype))
+    if "vera_a" in adapters:
+      h = jnp.dot(jnp.dot(xd, cast("vera_a")) * cast("vera_lambda_d"),
+                  cast("vera_b")) * cast("vera_lambda_b")
+    else:
+      h = dict(self.scales)[name] * jnp.dot(jnp.dot(xd, cast("lora_a")),
+                                            cast("lora_b"))
+    if "magnitude" in adapters:
+      # PEFT's form, exact with dropout too: x W + (g - 1)·xd W + g·h.
+      w_full = kernel.astype(jnp.float32) + jax.lax.stop_gradient(
+          lowrank.lora_delta(adapters["lora_a"], adapters["lora_b"],
+                             dict(self.scales)[name]))
+      g = (adapters["magnitude"].astype(jnp.float32) /
+           jax.lax.stop_gradient(lowrank.col_norm(w_full))).astype(x.dtype)
+      yd = y if xd is x else jnp.dot(xd, kernel.astype(x.dtype))
+      h = (g - 1) * yd + g * h
+    y = y + h
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+def merge_kernel(w_IxO, adapters: dict, s: float):
+  """The plain kernel equal to the adapted linear (no dropout)."""
+  f32 = lambda k: adapters[k].astype(jnp.float32)
+  if "vera_a" in adapters:
+    delta = jnp.matmul(f32("vera_a") * f32("vera_lambda_d")[..., None, :],
+                       f32("vera_b")) * f32("vera_lambda_b")[..., None, :]
+  else:
+    delta = lowrank.lora_delta(adapters["lora_a"], adapters["lora_b"], s)
+  w = w_IxO.astype(jnp.float32) + delta
+  if "magnitude" in adapters:
+    w = w * (f32("magnitude") / lowrank.col_norm(w))[..., None, :]
+  return w.astype(w_IxO.dtype)
 
 
 def _module(name: str) -> str:
@@ -47,9 +105,8 @@ class Lora(Method):
 
   def __init__(self, cfg: PeftConfig):
     super().__init__(cfg)
-    if cfg.dropout:
-      raise errors.ConfigError(
-          "config.peft.dropout: LoRA dropout is not supported yet; set 0")
+    if not 0.0 <= cfg.dropout < 1.0:
+      raise errors.ConfigError("config.peft.dropout: must be in [0, 1)")
     if cfg.rank < 1:
       raise errors.ConfigError("config.peft.rank: must be >= 1")
     self._scales: dict[str, float] = {}
@@ -73,44 +130,90 @@ class Lora(Method):
             if any(re.fullmatch(p, m) for p in self.cfg.targets)}
 
   def scale(self, rank: int, alpha: float) -> float:
-    return alpha / (math.sqrt(rank) if self.sqrt_scaling else rank)
+    sqrt = self.sqrt_scaling or self.cfg.rslora
+    return alpha / (math.sqrt(rank) if sqrt else rank)
 
   @property
   def seam(self):
-    return LoraSeam(tuple(sorted(self._scales.items())))
+    return LoraSeam(tuple(sorted(self._scales.items())), self.cfg.dropout)
+
+  # --- per-module pieces that variants override -------------------------
+
+  def init_module(self, key, w, r: int, s: float):
+    """(adapter leaves, new frozen kernel or None) for one target."""
+    del s
+    *lead, d_in, d_out = w.shape
+    return {"lora_a": lowrank.kaiming_a(key, d_in, r, lead, w.dtype),
+            "lora_b": jnp.zeros((*lead, r, d_out), w.dtype)}, None
+
+  def module_axes(self, lead, ax_in, ax_out) -> dict:
+    return {"lora_a": (*lead, ax_in, "rank"),
+            "lora_b": (*lead, "rank", ax_out)}
+
+  def extra_init(self, rng, params, adapters) -> dict:
+    """Method-owned frozen tensors (stored under frozen[EXTRA])."""
+    del rng, params, adapters
+    return {}
+
+  def extra_axes(self, adapter_axes) -> dict:
+    del adapter_axes
+    return {}
+
+  # --- Method interface --------------------------------------------------
 
   def init(self, rng, params):
     flat = tree.flatten(params)
     adapters = {}
     for i, (m, (r, alpha)) in enumerate(sorted(self.targets(params).items())):
+      s = self._scales[m] = self.scale(r, alpha)
       w = flat[m + "/kernel"]
-      *lead, d_in, d_out = w.shape
-      bound = 1.0 / math.sqrt(d_in)
-      adapters[m + "/lora_a"] = jax.random.uniform(
-          jax.random.fold_in(rng, i), (*lead, d_in, r), w.dtype, -bound, bound)
-      adapters[m + "/lora_b"] = jnp.zeros((*lead, r, d_out), w.dtype)
-      self._scales[m] = self.scale(r, alpha)
-    return tree.unflatten(adapters), params
+      ad, w_new = self.init_module(jax.random.fold_in(rng, i), w, r, s)
+      adapters.update({f"{m}/{k}": v for k, v in ad.items()})
+      if w_new is not None:
+        flat[m + "/kernel"] = w_new.astype(w.dtype)
+    adapters = tree.unflatten(adapters)
+    extra = self.extra_init(jax.random.fold_in(rng, -1), params, adapters)
+    if extra:
+      flat.update(tree.flatten({EXTRA: extra}))
+    return adapters, tree.unflatten(flat)
 
-  def assemble(self, trainable, frozen, rng=None):
-    del rng
+  def _base(self, frozen) -> dict:
     if not self._scales:  # restored without init(): recompute the scales
       for m, (r, alpha) in self.targets(frozen).items():
         self._scales[m] = self.scale(r, alpha)
-    return frozen, trainable
+    return {k: v for k, v in frozen.items() if k != EXTRA}
+
+  def adapters_for(self, trainable, frozen) -> dict:
+    """The seam's adapters tree from the trainable + method-owned trees."""
+    del frozen
+    return trainable
+
+  def assemble(self, trainable, frozen, rng=None):
+    base = self._base(frozen)
+    adapters = self.adapters_for(trainable, frozen)
+    if rng is None or not self.cfg.dropout:
+      return base, adapters
+    flat = tree.flatten(adapters)
+    n_layers = jax.tree.leaves(base["layers"])[0].shape[0] \
+        if "layers" in base else 0
+    for i, m in enumerate(sorted(self._scales)):
+      key = jax.random.fold_in(rng, i)
+      flat[m + "/dropout_key"] = (jax.random.split(key, n_layers)
+                                  if m.startswith("layers/") else key)
+    return base, tree.unflatten(flat)
 
   def reference(self, trainable, frozen):
     del trainable
-    return frozen, None
+    return self._base(frozen), None
 
   def merged(self, trainable, frozen):
-    base, adapters = self.assemble(trainable, frozen)
-    flat, ad = tree.flatten(base), tree.flatten(adapters)
+    base = self._base(frozen)
+    flat = tree.flatten(base)
+    ad = tree.flatten(self.adapters_for(trainable, frozen))
     for m, s in self._scales.items():
-      w = flat[m + "/kernel"]
-      delta = jnp.matmul(ad[m + "/lora_a"].astype(jnp.float32),
-                         ad[m + "/lora_b"].astype(jnp.float32))
-      flat[m + "/kernel"] = (w.astype(jnp.float32) + s * delta).astype(w.dtype)
+      mine = {k.rsplit("/", 1)[1]: v for k, v in ad.items()
+              if k.rsplit("/", 1)[0] == m}
+      flat[m + "/kernel"] = merge_kernel(flat[m + "/kernel"], mine, s)
     return tree.unflatten(flat)
 
   def axes(self, model_axes):
@@ -118,9 +221,12 @@ class Lora(Method):
     out = {}
     for m in self.targets(model_axes):
       *lead, ax_in, ax_out = flat[m + "/kernel"]
-      out[m + "/lora_a"] = (*lead, ax_in, "rank")
-      out[m + "/lora_b"] = (*lead, "rank", ax_out)
-    return tree.unflatten(out), model_axes
+      for k, v in self.module_axes(lead, ax_in, ax_out).items():
+        out[f"{m}/{k}"] = v
+    t_axes = tree.unflatten(out)
+    extra = self.extra_axes(t_axes)
+    f_axes = dict(model_axes, **({EXTRA: extra} if extra else {}))
+    return t_axes, f_axes
 
 
 register("lora")(Lora)
@@ -130,3 +236,97 @@ register("lora")(Lora)
 class RsLora(Lora):
   """rsLoRA: s = alpha / sqrt(r), stable across ranks."""
   sqrt_scaling = True
+
+
+@register("dora")
+class Dora(Lora):
+  """DoRA: LoRA direction plus a learned per-output magnitude."""
+
+  def init_module(self, key, w, r, s):
+    ad, _ = super().init_module(key, w, r, s)
+    # B = 0, so ||W + s·A B||_c = ||W||_c and the model starts at the base.
+    ad["magnitude"] = lowrank.col_norm(w).astype(w.dtype)
+    return ad, None
+
+  def module_axes(self, lead, ax_in, ax_out):
+    return dict(super().module_axes(lead, ax_in, ax_out),
+                magnitude=(*lead, ax_out))
+
+
+class _Residual(Lora):
+  """Inits that move the principal part of W into A, B (W = W_res + sAB)."""
+
+  def extra_init(self, rng, params, adapters):
+    del rng, params
+    return {"init": jax.tree.map(jnp.copy, adapters)}
+
+  def extra_axes(self, adapter_axes):
+    return {"init": adapter_axes}
+
+  def reference(self, trainable, frozen):
+    del trainable  # W_res + s·A0 B0 = W, the base model before training.
+    return self._base(frozen), frozen[EXTRA]["init"]
+
+
+@register("pissa")
+class Pissa(_Residual):
+  """PiSSA; `peft.svd_niter` > 0 selects the fast randomized SVD."""
+
+  def init_module(self, key, w, r, s):
+    a, b, res = lowrank.pissa(w, r, s, key=key, niter=self.cfg.svd_niter)
+    return {"lora_a": a.astype(w.dtype), "lora_b": b.astype(w.dtype)}, res
+
+
+@register("olora")
+class Olora(_Residual):
+  """OLoRA: orthonormal B from a QR of the weight."""
+
+  def init_module(self, key, w, r, s):
+    del key
+    a, b, res = lowrank.olora(w, r, s)
+    return {"lora_a": a.astype(w.dtype), "lora_b": b.astype(w.dtype)}, res
+
+
+@register("vera")
+class Vera(Lora):
+  """VeRA: shared frozen random A/B, trainable scaling vectors."""
+
+  def init_module(self, key, w, r, s):
+    del key, s
+    *lead, _, d_out = w.shape
+    return {"vera_lambda_d": jnp.full((*lead, r), self.cfg.vera_d_init,
+                                      w.dtype),
+            "vera_lambda_b": jnp.zeros((*lead, d_out), w.dtype)}, None
+
+  def module_axes(self, lead, ax_in, ax_out):
+    del ax_in
+    return {"vera_lambda_d": (*lead, "rank"),
+            "vera_lambda_b": (*lead, ax_out)}
+
+  def extra_init(self, rng, params, adapters):
+    del adapters
+    flat = tree.flatten(params)
+    shapes = [flat[m + "/kernel"].shape[-2:] for m in self._scales]
+    d_in, d_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    r, dtype = self.cfg.rank, flat[next(iter(self._scales)) + "/kernel"].dtype
+    k_a, k_b = jax.random.split(rng)
+    # PEFT's kaiming_uniform(a=sqrt 5) on [r, in] and [out, r]: bound
+    # 1/sqrt(fan_in) with fan_in = in and r.
+    return {"vera_a": lowrank.kaiming_a(k_a, d_in, r, (), dtype),
+            "vera_b": jax.random.uniform(k_b, (r, d_out), dtype,
+                                         -1 / math.sqrt(r), 1 / math.sqrt(r))}
+
+  def extra_axes(self, adapter_axes):
+    del adapter_axes
+    return {"vera_a": (None, "rank"), "vera_b": ("rank", None)}
+
+  def adapters_for(self, trainable, frozen):
+    shared, base = frozen[EXTRA], tree.flatten(frozen)
+    flat = tree.flatten(trainable)
+    for m in self._scales:
+      *lead, d_in, d_out = base[m + "/kernel"].shape
+      a = shared["vera_a"][:d_in]  # Slices of the shared pair, as PEFT.
+      b = shared["vera_b"][:, :d_out]
+      flat[m + "/vera_a"] = jnp.broadcast_to(a, (*lead, *a.shape))
+      flat[m + "/vera_b"] = jnp.broadcast_to(b, (*lead, *b.shape))
+    return tree.unflatten(flat)

@@ -44,15 +44,19 @@ def _normalise(loss_sum, denom, aux):
 
 
 def loss_and_grads(params, frozen, batch, rng, *, apply_fn: ApplyFn,
-                   loss_fn, micro_batches: int = 1):
+                   loss_fn, micro_batches: int = 1, step=None):
   """Token-weighted loss pieces and the gradient of sum(loss_sum) / denom.
 
   Micro-batches are scanned; their loss sums, denominators, aux sums and
   gradient sums are added, and the division happens once at the end, so
   the result equals the big-batch step exactly (up to float summation).
+  The loss also sees the micro-batch's key as `rng` and the optimizer
+  `step` (sampling losses, scheduled token weights).
   """
   def objective(p, mb, key):
-    loss_sum, denom, aux = loss_fn(apply_fn(p, frozen, mb, key), mb)
+    extra = {"rng": key} if step is None else {"rng": key, "step": step}
+    loss_sum, denom, aux = loss_fn(apply_fn(p, frozen, mb, key),
+                                   {**mb, **extra})
     return loss_sum, (denom, aux)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -80,7 +84,7 @@ def train_step(state: TrainState, batch, rng, *, apply_fn: ApplyFn, loss_fn,
   rng = jax.random.fold_in(rng, state.step)
   metrics, grads = loss_and_grads(
       state.params, state.frozen, batch, rng, apply_fn=apply_fn,
-      loss_fn=loss_fn, micro_batches=micro_batches)
+      loss_fn=loss_fn, micro_batches=micro_batches, step=state.step)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
