@@ -63,3 +63,12 @@ def test_eval_and_generate_tasks_use_the_checkpoint(trained, capsys):
   lines = open(os.path.join(wd, "generate.jsonl")).read().splitlines()
   assert [json.loads(l)["prompt"] for l in lines] == ["12+34=", "7+8="]
   assert len(res["texts"]) == 2
+
+
+def test_nan_loss_is_one_clear_error(tmp_path):
+  from tunejax import errors
+  cfg = tiny_config(total_steps=4, optim={"name": "sgd", "lr": 1e30,
+                                          "clip_norm": 0.0},
+                    eval={"every": -1})
+  with pytest.raises(errors.NonFiniteLossError, match=r"step \d: loss is"):
+    train.run(cfg, str(tmp_path))

@@ -6,7 +6,10 @@ the model which params and adapters to use (`assemble`), and folds itself
 back into plain params for export (`merged`).
 """
 from tunejax.peft.base import Method, PeftConfig, get, register
+from tunejax.peft.peft_format import export_adapter, import_adapter
 
-__all__ = ["Method", "PeftConfig", "get", "register"]
+__all__ = ["Method", "PeftConfig", "get", "register", "export_adapter",
+           "import_adapter"]
 
-from tunejax.peft import lora  # noqa: E402,F401  (registers lora, rslora)
+# Registers lora, rslora, dora, pissa, olora, vera.
+from tunejax.peft import lora  # noqa: E402,F401

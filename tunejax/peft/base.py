@@ -75,6 +75,12 @@ class Method:
     """Logical axis names of (trainable, frozen), given the model's."""
     return model_axes, {}
 
+  def export_adapter(self, trainable, frozen, model_cfg, out_dir) -> bool:
+    """Writes a Hugging Face PEFT-format adapter dir (adapter_config.json +
+    adapter_model.safetensors); False if the method has no such form."""
+    del trainable, frozen, model_cfg, out_dir
+    return False
+
 
 _REGISTRY: dict[str, Callable[[PeftConfig], Method]] = {}
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from tunejax import errors, tree
 from tunejax.models.seam import Seam
-from tunejax.peft import lowrank
+from tunejax.peft import lowrank, peft_format
 from tunejax.peft.base import Method, PeftConfig, register
 
 EXTRA = "peft"  # frozen[EXTRA]: method-owned frozen tensors (not model params)
@@ -172,7 +172,8 @@ class Lora(Method):
       if w_new is not None:
         flat[m + "/kernel"] = w_new.astype(w.dtype)
     adapters = tree.unflatten(adapters)
-    extra = self.extra_init(jax.random.fold_in(rng, -1), params, adapters)
+    extra = self.extra_init(jax.random.fold_in(rng, 1 << 20), params,
+                             adapters)
     if extra:
       flat.update(tree.flatten({EXTRA: extra}))
     return adapters, tree.unflatten(flat)
@@ -215,6 +216,10 @@ class Lora(Method):
               if k.rsplit("/", 1)[0] == m}
       flat[m + "/kernel"] = merge_kernel(flat[m + "/kernel"], mine, s)
     return tree.unflatten(flat)
+
+  def export_adapter(self, trainable, frozen, model_cfg, out_dir):
+    peft_format.export_adapter(self, trainable, frozen, model_cfg, out_dir)
+    return True
 
   def axes(self, model_axes):
     flat = tree.flatten(model_axes, tree.is_axes)

@@ -72,26 +72,11 @@ def _log_row(run, cfg: Config, m: dict, step: int, ntokens: float, dt: float):
   return m
 
 
-def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
-  """Runs `cfg.total_steps` optimizer steps; returns the last metrics."""
-  state, run = setup.build(cfg, model_cfg, params)
-  del params
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                      keep=cfg.checkpoint.keep,
-                      async_save=cfg.checkpoint.async_save)
-  it = _data_iterator(cfg.data, tokenizer, cfg.seed)
-  start = 0
-  if cfg.checkpoint.resume:
-    state, start = _restore(ckpt, state, run, it)
-  writer = MetricsWriter(workdir, total_steps=cfg.total_steps,
-                         start_step=start, tensorboard=cfg.log.tensorboard,
-                         progress=cfg.log.progress)
-  evaluator = evaluate.Evaluator(cfg, run, tokenizer, eval_data(cfg))
+def _steps(cfg: Config, run, state, it, ckpt, writer, evaluator, start: int):
+  """The step loop. Returns (state, last logged metrics, preempted)."""
   config_json = dataclasses.asdict(cfg)
   step_fn = setup.jit_train_step(run, cfg.micro_batches)
   base_rng = jax.random.PRNGKey(cfg.seed)
-  if start == 0 and cfg.eval.every >= 0:
-    writer.write(0, evaluator(state))
   last, ntok, t0 = {}, 0.0, time.perf_counter()
   with _Preemption() as pre:
     for step in range(start + 1, cfg.total_steps + 1):
@@ -117,14 +102,42 @@ def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
         ckpt.save(step, state, it.get_state(), config_json, force=True)
       if pre.requested:
         break
-  if not pre.requested and cfg.eval.every >= 0 and cfg.total_steps > start:
-    if not (cfg.eval.every > 0 and cfg.total_steps % cfg.eval.every == 0):
+  return state, last, pre.requested
+
+
+def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
+  """Runs `cfg.total_steps` optimizer steps; returns the final state/run.
+
+  Eval runs before training (unless resumed), every `eval.every` steps and
+  at the end (`eval.every=-1`: never).
+  """
+  state, run = setup.build(cfg, model_cfg, params)
+  del params
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                      keep=cfg.checkpoint.keep,
+                      async_save=cfg.checkpoint.async_save)
+  it = _data_iterator(cfg.data, tokenizer, cfg.seed)
+  start = 0
+  if cfg.checkpoint.resume:
+    state, start = _restore(ckpt, state, run, it)
+  writer = MetricsWriter(workdir, total_steps=cfg.total_steps,
+                         start_step=start, tensorboard=cfg.log.tensorboard,
+                         progress=cfg.log.progress)
+  evaluator = evaluate.Evaluator(cfg, run, tokenizer, eval_data(cfg))
+  try:
+    if start == 0 and cfg.eval.every >= 0:
+      writer.write(0, evaluator(state))
+    state, last, preempted = _steps(cfg, run, state, it, ckpt, writer,
+                                    evaluator, start)
+    periodic = cfg.eval.every > 0 and cfg.total_steps % cfg.eval.every == 0
+    if (not preempted and cfg.eval.every >= 0 and cfg.total_steps > start
+        and not periodic):
       writer.write(cfg.total_steps, evaluator(state))
-  ckpt.close()
-  writer.close()
+  finally:  # pending async saves finish; files are flushed and closed
+    ckpt.close()
+    writer.close()
   _write_summary(workdir, last)
-  return {"state": state, "run": run, "metrics": last,
-          "preempted": pre.requested}
+  return {"state": state, "run": run, "metrics": last, "preempted": preempted}
 
 
 def _write_summary(workdir, last):
