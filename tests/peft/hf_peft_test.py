@@ -6,6 +6,7 @@ agree within 1e-4 (float32). Inits (PiSSA, OLoRA, DoRA) are compared with
 the ones PEFT computes on the same weights.
 """
 import copy
+import functools
 import os
 
 import jax
@@ -37,10 +38,15 @@ def _trained(method, params, seed=0):
   return jax.tree.unflatten(tdef, leaves), frozen
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(cfg, seam, base, adapters):
+  return models.forward(cfg, base, jnp.asarray(TOKENS), adapters=adapters,
+                        seam=seam)
+
+
 def _logits(method, ad, frozen, cfg):
   base, adapters = method.assemble(ad, frozen)
-  return np.asarray(models.forward(cfg, base, jnp.asarray(TOKENS),
-                                   adapters=adapters, seam=method.seam))
+  return np.asarray(_forward(cfg, method.seam, base, adapters))
 
 
 @pytest.fixture(scope="module", params=METHODS)

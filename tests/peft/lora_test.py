@@ -65,8 +65,18 @@ def test_unknown_target_is_config_error(base):
     m.init(jax.random.PRNGKey(0), params)
 
 
-def test_lora_training_touches_only_adapters():
-  cfg = tiny_config(peft={"method": "lora", "rank": 4, "alpha": 8.0},
+_LEAVES = {"lora": ("lora_a", "lora_b"),
+           "dora": ("lora_a", "lora_b", "magnitude"),
+           "pissa": ("lora_a", "lora_b"),
+           "vera": ("vera_lambda_d", "vera_lambda_b")}
+
+
+@pytest.mark.parametrize("name,dropout", [("lora", 0.0), ("dora", 0.1),
+                                          ("pissa", 0.0), ("vera", 0.0)])
+def test_lora_training_touches_only_adapters(name, dropout):
+  """Sharded over the 8 fake devices; dropout draws from the step rng."""
+  cfg = tiny_config(peft={"method": name, "rank": 4, "alpha": 8.0,
+                          "dropout": dropout},
                     optim={"lr": 1e-2})
   model_cfg, _ = setup.load_model(cfg.model)
   state, run = setup.build(cfg, model_cfg, None)
@@ -80,7 +90,7 @@ def test_lora_training_touches_only_adapters():
     losses.append(float(m["loss"]))
   assert losses[-1] < losses[0]
   names = set(tree.flatten(state.params))
-  assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
+  assert names and all(n.endswith(_LEAVES[name]) for n in names)
   for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves(state.frozen)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   adam_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)

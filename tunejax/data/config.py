@@ -79,6 +79,10 @@ class DataConfig:
   synthetic_task: str = "add2"
   synthetic_size: int = 1000
   synthetic_seed: int = 0
+  # Masked Thought (step-time input transform): max fraction of response
+  # input tokens replaced by `mask_token_id` (None = pad id); 0 = off.
+  masked_thought: float = 0.0
+  mask_token_id: Optional[int] = None
 
   def validate(self) -> None:
     """Cross-field checks; raises ConfigError naming the key."""

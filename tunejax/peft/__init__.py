@@ -12,4 +12,7 @@ __all__ = ["Method", "PeftConfig", "get", "register", "export_adapter",
            "import_adapter"]
 
 # Registers lora, rslora, dora, pissa, olora, vera.
-from tunejax.peft import lora  # noqa: E402,F401
+from tunejax.peft import lora  # noqa: E402
+from tunejax.peft.lora import loraplus_lr_groups  # noqa: E402
+
+__all__ += ["loraplus_lr_groups"]

@@ -335,3 +335,12 @@ class Vera(Lora):
       flat[m + "/vera_a"] = jnp.broadcast_to(a, (*lead, *a.shape))
       flat[m + "/vera_b"] = jnp.broadcast_to(b, (*lead, *b.shape))
     return tree.unflatten(flat)
+
+
+def loraplus_lr_groups(ratio: float = 16.0) -> tuple[tuple[str, float], ...]:
+  """LoRA+ (Hayou et al. 2024, arXiv 2402.12354; PEFT
+  `optimizers/loraplus.py`): B learns `ratio` x faster than A (the paper
+  suggests ~16). Append to `config.optim.lr_groups`, e.g.
+  `optim.lr_groups = peft.loraplus_lr_groups(16.0)`; works with any
+  LoRA-family method whose adapters have `lora_b` leaves."""
+  return ((r"(.*/)?lora_b", float(ratio)),)

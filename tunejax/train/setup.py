@@ -13,6 +13,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tunejax import errors, losses, models, optim, peft, sharding
+from tunejax.data import transforms
 from tunejax.state import TrainState
 from tunejax.train import step as step_lib
 from tunejax.train.config import Config, ModelSection
@@ -65,13 +66,22 @@ def _head(model_cfg, base, adapters, seam, batch) -> losses.Head:
                      model_cfg.final_logit_softcap)
 
 
-def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False):
+def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
+               masked_thought: float = 0.0, mask_id: int = 0,
+               total_steps: int = 1):
   """apply(params, frozen, batch, rng) -> (policy Head, reference Head|None).
 
   The reference is the frozen base model (PEFT adapters off), computed in
   the same step under `stop_gradient`; only losses that ask for it pay.
+  With `masked_thought` > 0, training batches (those carrying the optimizer
+  `step`) get Masked Thought input masking; eval batches stay clean.
   """
   def apply(params, frozen, batch, rng):
+    if masked_thought and "step" in batch:
+      rate = transforms.masked_thought_rate(batch["step"], total_steps,
+                                            masked_thought)
+      batch = transforms.masked_thought(
+          batch, jax.random.fold_in(rng, 7), rate, mask_id)
     base, adapters = method.assemble(params, frozen, rng)
     policy = _head(model_cfg, base, adapters, method.seam, batch)
     if not with_ref:
@@ -111,7 +121,8 @@ def _run_key(cfg: Config, model_cfg) -> tuple:
   return (model_cfg, cfg.peft, cfg.loss.name,
           json.dumps(cfg.loss.options, sort_keys=True), cfg.optim,
           cfg.total_steps, dataclasses.astuple(cfg.mesh)[:3],
-          json.dumps(cfg.mesh.rules, sort_keys=True), jax.device_count())
+          json.dumps(cfg.mesh.rules, sort_keys=True), jax.device_count(),
+          cfg.data.masked_thought, cfg.data.mask_token_id)
 
 
 def _keys(seed: int):
@@ -151,7 +162,12 @@ def _make_run(cfg: Config, model_cfg) -> Run:
              mesh=mesh, rules=rules, state_shardings=state_sh,
              batch_sharding=sharding.batch_sharding(mesh, rules),
              apply_fn=make_apply(
-                 model_cfg, method, with_ref=losses.get(cfg.loss.name).needs_ref),
+                 model_cfg, method,
+                 with_ref=losses.get(cfg.loss.name).needs_ref,
+                 masked_thought=cfg.data.masked_thought,
+                 mask_id=(model_cfg.pad_id if cfg.data.mask_token_id is None
+                          else cfg.data.mask_token_id),
+                 total_steps=cfg.total_steps),
              loss_fn=make_loss(cfg.loss.name, cfg.loss.options), jitted={})
 
 

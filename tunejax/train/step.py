@@ -55,8 +55,8 @@ def loss_and_grads(params, frozen, batch, rng, *, apply_fn: ApplyFn,
   """
   def objective(p, mb, key):
     extra = {"rng": key} if step is None else {"rng": key, "step": step}
-    loss_sum, denom, aux = loss_fn(apply_fn(p, frozen, mb, key),
-                                   {**mb, **extra})
+    mb = {**mb, **extra}
+    loss_sum, denom, aux = loss_fn(apply_fn(p, frozen, mb, key), mb)
     return loss_sum, (denom, aux)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -94,7 +94,7 @@ def train_step(state: TrainState, batch, rng, *, apply_fn: ApplyFn, loss_fn,
 
 def eval_step(params, frozen, batch, *, apply_fn: ApplyFn, loss_fn):
   """Loss pieces on one batch, to be summed over an eval set by the host."""
-  loss_sum, denom, aux = loss_fn(
-      apply_fn(params, frozen, batch, jax.random.key(0)), batch)
+  # rng None: eval is deterministic (PEFT methods skip dropout).
+  loss_sum, denom, aux = loss_fn(apply_fn(params, frozen, batch, None), batch)
   return {"loss_sum": loss_sum, "denom": denom,
           **{k: v for k, v in aux.items() if k.endswith("_sum")}}

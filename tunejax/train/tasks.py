@@ -46,10 +46,15 @@ def _restored_state(cfg, workdir, model_cfg, params):
 
 
 def export(cfg, workdir, state, run) -> str:
-  """Writes the merged HF checkpoint to WORKDIR/export/hf."""
+  """Writes the merged HF checkpoint to WORKDIR/export/hf and, for methods
+  PEFT can represent, the PEFT-format adapter to WORKDIR/export/adapter."""
   out = os.path.join(workdir, "export", "hf")
   params = run.method.merged(state.params, state.frozen)
   models.save_hf(run.model_cfg, jax.device_get(params), out)
+  if jax.process_index() == 0:
+    run.method.export_adapter(jax.device_get(state.params),
+                              jax.device_get(state.frozen), run.model_cfg,
+                              os.path.join(workdir, "export", "adapter"))
   return out
 
 
