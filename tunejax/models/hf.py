@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tunejax import errors
+from tunejax import tree as tree_lib
 from tunejax.models import hf_config
 from tunejax.models import safetensors_io
 from tunejax.models.config import ModelConfig
@@ -125,14 +126,7 @@ def load_hf(path: str, dtype: str | None = None, *,
                                                   read)
     else:
       params[name] = jnp.asarray(read())
-  tree: dict = {}
-  for name, x in params.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
-  return cfg, tree
+  return cfg, tree_lib.unflatten(params)
 
 
 def load(path: str, dtype: str | None = None, *,

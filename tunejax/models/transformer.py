@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tunejax import sharding as sh
+from tunejax import tree
 from tunejax.models import layers
 from tunejax.models.config import ModelConfig
 from tunejax.models.seam import DEFAULT_SEAM, Seam
@@ -68,20 +69,9 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
   return specs
 
 
-def _unflatten(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for name, x in flat.items():
-    *parents, leaf = name.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
-  return out
-
-
 def param_axes(cfg: ModelConfig) -> dict:
   """Tree like the params whose leaves are tuples of logical axis names."""
-  return _unflatten({k: s.axes for k, s in param_specs(cfg).items()})
+  return tree.unflatten({k: s.axes for k, s in param_specs(cfg).items()})
 
 
 def init(cfg: ModelConfig, rng: jax.Array) -> dict:
@@ -98,13 +88,13 @@ def init(cfg: ModelConfig, rng: jax.Array) -> dict:
     else:
       x = jnp.zeros(s.shape, jnp.float32)
     flat[name] = x.astype(dtype)
-  return _unflatten(flat)
+  return tree.unflatten(flat)
 
 
-def _sub(tree: dict | None, *path: str) -> dict:
+def _sub(node: dict | None, *path: str) -> dict:
   for p in path:
-    tree = (tree or {}).get(p)
-  return tree or {}
+    node = (node or {}).get(p)
+  return node or {}
 
 
 class _Context(NamedTuple):
