@@ -28,7 +28,7 @@ def compile_step(method: str, n_layers: int, seq: int, batch: int):
       peft=(dict(method="lora", rank=16, alpha=32.0) if method == "lora"
             else dict(method="none")),
       mesh=dict(data=1, fsdp=64, tensor=1),
-      data=dict(seq_len=seq, batch_size=batch)), "")
+      data=dict(source="synthetic", seq_len=seq, batch_size=batch)), "")
   model_cfg, _ = setup.load_model(cfg.model)
   state, run = setup.abstract_state(cfg, model_cfg)
   spec = jax.ShapeDtypeStruct((batch, seq), jnp.int32,

@@ -52,7 +52,7 @@ def run_tunejax(a):
       peft=(dict(method="lora", rank=16, alpha=32.0) if a.method == "lora"
             else dict(method="none")),
       optim=dict(name="adamw", lr=1e-4), mesh=dict(data=1),
-      data=dict(seq_len=a.seq, batch_size=a.batch)), "")
+      data=dict(source="synthetic", seq_len=a.seq, batch_size=a.batch)), "")
   model_cfg, _ = setup.load_model(cfg.model)
   state, run = setup.build(cfg, model_cfg, None)
   step = setup.jit_train_step(run, 1)

@@ -42,9 +42,12 @@ def load_model(ms: ModelSection):
     if k not in fields:
       raise errors.ConfigError(
           f"config.model.overrides.{k}: not a ModelConfig field")
+  overrides = dict(ms.overrides)
+  if "n_layers" in overrides and "layer_types" not in overrides:
+    overrides["layer_types"] = ()  # re-derive the family's layer pattern
   cfg = dataclasses.replace(
       cfg, dtype=ms.dtype, param_dtype=ms.param_dtype, remat=ms.remat,
-      scan_layers=ms.scan_layers, **ms.overrides)
+      scan_layers=ms.scan_layers, **overrides)
   if params is not None:
     params = jax.tree.map(lambda x: x.astype(ms.param_dtype), params)
   return cfg, params
