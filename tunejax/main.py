@@ -10,9 +10,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# The embedded default job: the quickstart recipe of this checkout.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs", "quickstart.py")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py[:arg]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+    "config", _DEFAULT_CONFIG if os.path.exists(_DEFAULT_CONFIG) else None,
+    "Config file (configs/*.py[:arg]); default: configs/quickstart.py.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/quickstart",
+                               "Output directory.")
 _COORD = flags.DEFINE_string(
     "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
     "host:port of process 0 for multi-host runs (TPU VMs detect it).")
