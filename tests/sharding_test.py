@@ -46,3 +46,18 @@ def test_constrain_is_identity_without_mesh_and_pins_with_one():
 
   spec = f(x).sharding.spec
   assert tuple(spec)[:1] in (("data",), (("data",),))
+
+
+def test_fsdp_fallback_spreads_large_unsharded_values():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  rules = sharding.resolve_rules()
+  # LoRA B [layers, rank, out]: 'rank' and the tensor-mapped out axis give
+  # nothing on this mesh, so the fallback puts fsdp on the largest dim.
+  spec = sharding.logical_to_spec(("layers", "rank", "mlp"), (4, 16, 4096),
+                                  mesh, rules)
+  assert sharding.fsdp_fallback(spec, (4, 16, 4096), mesh) == P(None, None,
+                                                                "fsdp")
+  small = sharding.logical_to_spec(("norm",), (64,), mesh, rules)
+  assert sharding.fsdp_fallback(small, (64,), mesh) == small
+  used = P("fsdp", None)
+  assert sharding.fsdp_fallback(used, (4096, 4096), mesh) == used

@@ -109,13 +109,37 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
   return P(*spec)
 
 
+_FALLBACK_MIN_ELEMENTS = 1 << 16
+
+
+def fsdp_fallback(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Adds 'fsdp' on the largest free divisible dim if no rule used it.
+
+  Values whose logical axes map only to absent or indivisible mesh axes
+  (e.g. LoRA B's output dim under tensor=1, optimizer moments of such
+  values) would otherwise be replicated on every device; big ones are
+  spread over 'fsdp' instead. Small values stay replicated.
+  """
+  n = mesh.shape.get("fsdp", 1)
+  flat = [a for e in spec for a in ((e,) if isinstance(e, str) else e or ())]
+  if n == 1 or "fsdp" in flat or math.prod(shape) < _FALLBACK_MIN_ELEMENTS:
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  free = [i for i, (e, d) in enumerate(zip(entries, shape))
+          if e is None and d % n == 0]
+  if not free:
+    return spec
+  entries[max(free, key=lambda i: shape[i])] = "fsdp"
+  return P(*entries)
+
+
 def tree_shardings(axes_tree, shapes_tree, mesh: Mesh, rules: Mapping):
   """NamedShardings for a tree of logical names and a matching shape tree."""
   is_names = lambda x: isinstance(x, tuple) and all(
       n is None or isinstance(n, str) for n in x)
   return jax.tree.map(
-      lambda names, s: NamedSharding(
-          mesh, logical_to_spec(names, s.shape, mesh, rules)),
+      lambda names, s: NamedSharding(mesh, fsdp_fallback(
+          logical_to_spec(names, s.shape, mesh, rules), s.shape, mesh)),
       axes_tree, shapes_tree, is_leaf=is_names)
 
 
