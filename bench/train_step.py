@@ -52,6 +52,7 @@ def run_tunejax(a):
       peft=(dict(method="lora", rank=16, alpha=32.0) if a.method == "lora"
             else dict(method="none")),
       optim=dict(name="adamw", lr=1e-4), mesh=dict(data=1),
+      loss=dict(name="xent", options={"impl": a.loss_impl}),
       data=dict(source="synthetic", seq_len=a.seq, batch_size=a.batch)), "")
   model_cfg, _ = setup.load_model(cfg.model)
   state, run = setup.build(cfg, model_cfg, None)
@@ -131,6 +132,8 @@ def main():
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--method", default="lora", choices=["lora", "none"])
   p.add_argument("--only", default="")
+  p.add_argument("--loss_impl", default="auto",
+                 help="token_stats impl for tunejax: auto | xla | naive")
   a = p.parse_args()
   if a.only:
     print(json.dumps(CONTENDERS[a.only](a)))
@@ -139,7 +142,8 @@ def main():
   for name in CONTENDERS:
     out = subprocess.run([sys.executable, __file__, f"--only={name}",
                           f"--steps={a.steps}", f"--batch={a.batch}",
-                          f"--seq={a.seq}", f"--method={a.method}"],
+                          f"--seq={a.seq}", f"--method={a.method}",
+                          f"--loss_impl={a.loss_impl}"],
                          capture_output=True, text=True, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode or not lines:

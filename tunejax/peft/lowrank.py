@@ -12,9 +12,18 @@ import math
 import jax
 import jax.numpy as jnp
 
+from tunejax import sharding
+
 
 def _t(x):
   return jnp.swapaxes(x, -1, -2)
+
+
+def _whole(w):
+  """float32 and replicated: LAPACK-backed SVD / QR on an operand sharded
+  over the fake CPU mesh hung in testing, so factorise a gathered copy
+  (once, at init)."""
+  return sharding.constrain(w.astype(jnp.float32), (None,) * w.ndim)
 
 
 def kaiming_a(key, d_in: int, r: int, lead=(), dtype=jnp.float32):
@@ -59,7 +68,7 @@ def pissa(w_IxO, r: int, s: float, *, key=None, niter: int = 0):
   `niter > 0` uses the randomized SVD with that many power iterations.
   Returns (A, B, residual) in float32.
   """
-  w = w_IxO.astype(jnp.float32)
+  w = _whole(w_IxO)
   if niter > 0:
     u, sv, vt = randomized_svd(key, w, r, niter)
   else:
@@ -76,7 +85,7 @@ def olora(w_IxO, r: int, s: float):
   QR of the PEFT-layout weight Wᵀ = Q R: B = Q_rᵀ, A = R_rᵀ (tunejax
   layout), residual base W − s·A B. Returns (A, B, residual) in float32.
   """
-  w = w_IxO.astype(jnp.float32)
+  w = _whole(w_IxO)
   q_OxK, r_KxI = jnp.linalg.qr(_t(w))
   a = _t(r_KxI[..., :r, :])
   b = _t(q_OxK[..., :, :r])
