@@ -76,9 +76,12 @@ def run_tunejax(a):
     state, m = step(state, g, key)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t) / a.steps
+  # 6N-style model FLOPs; with frozen base weights (LoRA) the weight-grad
+  # matmuls are not done, so count 4N (forward 2N + activation grads 2N).
+  flops = model_cfg.flops_per_token(l) * (4 / 6 if a.method == "lora" else 1)
   return {"tokens_per_sec": b * l / dt, "step_s": dt,
           "compile_s": compile_s,
-          "tflops": model_cfg.flops_per_token(l) * b * l / dt / 1e12,
+          "tflops": flops * b * l / dt / 1e12,
           "rss_mb": _rss_mb()}
 
 
