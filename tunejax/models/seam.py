@@ -29,6 +29,17 @@ import jax.numpy as jnp
 ACT_POINTS = ("attn/k", "attn/v", "attn/heads", "mlp/hidden")
 
 
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x @ w` over the last axis, as one 2-D GEMM.
+
+  Flattening the leading [B, L] dims first matters on XLA:CPU: the weight
+  gradient of a 3-D dot_general (contracting two batch dims) runs ~2x
+  slower than the same 2-D GEMM (measured: MLP fwd+bwd 0.60 s -> 0.32 s).
+  """
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 @dataclasses.dataclass(frozen=True)
 class Seam:
   """Plain computation; PEFT methods override some of these methods."""
@@ -48,7 +59,7 @@ class Seam:
       [..., out] in x's dtype.
     """
     del name, adapters
-    y = jnp.dot(x, kernel.astype(x.dtype))
+    y = matmul(x, kernel.astype(x.dtype))
     return y if bias is None else y + bias.astype(x.dtype)
 
   def embed(self, tokens_BxL: jax.Array, table_VxD: jax.Array,

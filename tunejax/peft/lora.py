@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from tunejax import errors, tree
-from tunejax.models.seam import Seam
+from tunejax.models.seam import Seam, matmul
 from tunejax.peft import lowrank, peft_format
 from tunejax.peft.base import Method, PeftConfig, register
 
@@ -61,12 +61,12 @@ class LoraSeam(Seam):
     if "dropout_key" in adapters and self.dropout > 0:
       xd = _dropout(x, adapters["dropout_key"], self.dropout)
     cast = lambda k: adapters[k].astype(x.dtype)
-    y = jnp.dot(x, kernel.astype(x.dtype))
+    y = matmul(x, kernel.astype(x.dtype))
     if "vera_a" in adapters:
-      h = jnp.dot(jnp.dot(xd, cast("vera_a")) * cast("vera_lambda_d"),
+      h = matmul(matmul(xd, cast("vera_a")) * cast("vera_lambda_d"),
                   cast("vera_b")) * cast("vera_lambda_b")
     else:
-      h = dict(self.scales)[name] * jnp.dot(jnp.dot(xd, cast("lora_a")),
+      h = dict(self.scales)[name] * matmul(matmul(xd, cast("lora_a")),
                                             cast("lora_b"))
     if "magnitude" in adapters:
       # PEFT's form, exact with dropout too: x W + (g - 1)·xd W + g·h.
@@ -75,7 +75,7 @@ class LoraSeam(Seam):
                              dict(self.scales)[name]))
       g = (adapters["magnitude"].astype(jnp.float32) /
            jax.lax.stop_gradient(lowrank.col_norm(w_full))).astype(x.dtype)
-      yd = y if xd is x else jnp.dot(xd, kernel.astype(x.dtype))
+      yd = y if xd is x else matmul(xd, kernel.astype(x.dtype))
       h = (g - 1) * yd + g * h
     y = y + h
     return y if bias is None else y + bias.astype(x.dtype)
