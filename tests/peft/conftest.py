@@ -12,3 +12,14 @@ def hf_llama(tmp_path_factory):
   model = _build("llama", _hf_configs()["llama"], path)
   cfg, params = models.load(path)
   return model, path, cfg, params
+
+
+@pytest.fixture(scope="module")
+def base():
+  """(random tiny-preset params, a [2, 12] token batch)."""
+  import jax
+  from tunejax import models
+  from tests.peft.common import CFG
+  params = models.init(CFG, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
+  return params, tokens

@@ -8,18 +8,7 @@ from tunejax import config as config_lib, models, peft, tree
 from tunejax.train import setup
 from tests.train.helpers import random_batch, tiny_config
 
-CFG = models.preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def base():
-  params = models.init(CFG, jax.random.PRNGKey(0))
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
-  return params, tokens
-
-
-def _method(**kw):
-  return peft.get(config_lib.build(peft.PeftConfig, kw, "peft"))
+from tests.peft.common import CFG, make_method as _method
 
 
 @pytest.mark.parametrize("name", ["lora", "rslora"])

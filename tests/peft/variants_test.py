@@ -14,19 +14,8 @@ import pytest
 from tunejax import config as config_lib, models, peft, tree
 from tunejax.peft import lora, lowrank
 
-CFG = models.preset("tiny")
+from tests.peft.common import CFG, make_method as _method
 ALL = ("lora", "rslora", "dora", "pissa", "olora", "vera")
-
-
-@pytest.fixture(scope="module")
-def base():
-  params = models.init(CFG, jax.random.PRNGKey(0))
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
-  return params, tokens
-
-
-def _method(**kw):
-  return peft.get(config_lib.build(peft.PeftConfig, kw, "peft"))
 
 
 @functools.partial(jax.jit, static_argnums=0)
