@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +17,7 @@ import torch
 import transformers
 
 from tunejax import models
-
-
-def _best_of(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+from timing import best_of  # bench/timing.py
 
 
 def main():
@@ -67,12 +58,12 @@ def main():
   fwd = jax.jit(models.forward, static_argnums=0)
   x = jnp.asarray(fwd_tokens)
   fwd(cfg, params, x).block_until_ready()
-  t_jax = _best_of(lambda: fwd(cfg, params, x).block_until_ready(),
+  t_jax = best_of(lambda: fwd(cfg, params, x).block_until_ready(),
                    args.repeats)
   xt = torch.tensor(fwd_tokens)
   with torch.no_grad():
     hf(xt)
-    t_hf = _best_of(lambda: hf(xt), args.repeats)
+    t_hf = best_of(lambda: hf(xt), args.repeats)
   n = fwd_tokens.size
   print(f"forward  tokens/s: tunejax {n / t_jax:10.1f}   transformers "
         f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
@@ -82,7 +73,7 @@ def main():
   gen = lambda: models.generate(cfg, params, plist, args.new,
                                 eos_id=-1).tokens_BxT.block_until_ready()
   gen()
-  t_jax = _best_of(gen, args.repeats)
+  t_jax = best_of(gen, args.repeats)
   pt = torch.tensor(prompts)
   with torch.no_grad():
     hf_gen = lambda: hf.generate(pt, attention_mask=torch.ones_like(pt),
@@ -90,7 +81,7 @@ def main():
                                  min_new_tokens=args.new, do_sample=False,
                                  pad_token_id=0)
     hf_gen()
-    t_hf = _best_of(hf_gen, args.repeats)
+    t_hf = best_of(hf_gen, args.repeats)
   n = args.batch * args.new
   print(f"decode   tokens/s: tunejax {n / t_jax:10.1f}   transformers "
         f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")

@@ -10,7 +10,6 @@ is the least noisy estimate on a shared machine).
   python bench/token_loss.py --sizes 1024x640x32768 --repeats 3
 """
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import psutil
 import torch
 
 from tunejax import kernels
+from timing import best_of  # bench/timing.py
 
 # The issue's two sizes, plus a quarter of the first that lets the naive
 # program run next to other jobs on a 24 GiB machine.
@@ -42,13 +42,7 @@ def _abstract(n, d, v):
 
 
 def _time(fn, repeats):
-  fn()  # warm-up (and compile for torch / lazy paths)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+  return best_of(fn, repeats, warmup=True)
 
 
 def _inputs(n, d, v, seed=0):
