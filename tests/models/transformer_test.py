@@ -131,6 +131,40 @@ def test_scan_loop_and_remat_agree(nets):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@dataclasses.dataclass(frozen=True)
+class _TapSeam(Seam):
+  """Reports each input's sum of squares as a side output."""
+
+  def linear(self, name, x, kernel, bias, adapters):
+    y = super().linear(name, x, kernel, bias, adapters)
+    return y, {"sumsq": jnp.sum(x.astype(jnp.float32) ** 2)}
+
+  def act(self, name, x, adapters):
+    return x, {"mean": jnp.mean(x)} if name == "mlp/hidden" else {}
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_seam_side_outputs_stack_over_layers(nets, scan):
+  cfg, params = nets["llama"]
+  cfg = cfg.replace(scan_layers=scan)
+  tokens = jnp.asarray(np.random.RandomState(3).randint(0, 256, (2, 8)))
+  h, aux = models.hidden(cfg, params, tokens, seam=_TapSeam(),
+                         return_aux=True)
+  np.testing.assert_array_equal(h, models.hidden(cfg, params, tokens))
+  assert set(aux) == {f"{m}/sumsq" for m in
+                      ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate",
+                       "mlp/up", "mlp/down")} | {"mlp/hidden/mean"}
+  assert all(v.shape == (cfg.n_layers,) for v in aux.values())
+  # Reference: q's input in layer 0 is the normed embedding.
+  x = models.layers.rms_norm(
+      params["embed"]["embedding"][tokens],
+      params["layers"]["attn_norm"]["scale"][0], cfg.norm_eps,
+      cfg.norm_offset)
+  np.testing.assert_allclose(aux["attn/q/sumsq"][0], jnp.sum(x ** 2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(aux["attn/q/sumsq"], aux["attn/k/sumsq"])
+
+
 def test_bf16_params_and_compute(nets):
   cfg, params = nets["llama"]
   cfg16 = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")

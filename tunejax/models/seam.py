@@ -17,6 +17,12 @@ adapters tree passed to `hidden/forward/generate` mirrors the params tree:
   act 'attn/heads'        <- adapters['layers']['attn']['heads']
   act 'mlp/hidden'        <- adapters['layers']['mlp']['hidden']
 Leaves under 'layers' carry a leading n_layers axis.
+
+Side outputs: inside the layer stack, `linear` and `act` may return
+`(y, {key: array})` instead of `y`; the model collects these per layer as
+'<module>/<key>' (e.g. 'mlp/gate/balance'), stacks them over layers and
+returns them from `hidden(..., return_aux=True)`. Router balance losses and
+activation statistics for data-driven initialisations use this channel.
 """
 from __future__ import annotations
 

@@ -121,14 +121,29 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   """One pre-norm decoder block.
 
   `cache_kv` is None or this layer's (k, v) cache [B, G, S, K], read only.
-  Returns (x, this call's (k, v) [B, G, L, K] if `return_kv` else None).
+  Returns (x, (this call's (k, v) [B, G, L, K] if `return_kv` else None,
+  aux)), where aux is {'<module>/<key>': array} from seams that return
+  side outputs (router balance terms, activation statistics, ...).
   """
   b, l, _ = x.shape
   norm = functools.partial(layers.rms_norm, eps=cfg.norm_eps,
                            offset=cfg.norm_offset)
 
+  aux = {}
+
+  def taps(name, out):
+    """Seam results are arrays or (array, {key: aux array}) pairs."""
+    if isinstance(out, tuple):
+      out, extra = out
+      aux.update({f"{name}/{k}": v for k, v in extra.items()})
+    return out
+
   def linear(name, inp, p, a):
-    return seam.linear("layers/" + name, inp, p["kernel"], p.get("bias"), a)
+    return taps(name, seam.linear("layers/" + name, inp, p["kernel"],
+                                  p.get("bias"), a))
+
+  def act(name, inp, a):
+    return taps(name, seam.act(name, inp, a))
 
   h = norm(x, lp["attn_norm"]["scale"])
   at, aa = lp["attn"], _sub(la, "attn")
@@ -146,14 +161,14 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
     cos = jnp.where(is_local, ctx.rope_local[0], cos)
     sin = jnp.where(is_local, ctx.rope_local[1], sin)
   q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-  k = seam.act("attn/k", k, _sub(aa, "k"))
-  v = seam.act("attn/v", v, _sub(aa, "v"))
+  k = act("attn/k", k, _sub(aa, "k"))
+  v = act("attn/v", v, _sub(aa, "v"))
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, L, K]
   blocks = [(k, v, _pick(ctx.masks, is_local))]
   if cache_kv is not None:
     blocks.insert(0, (*cache_kv, _pick(ctx.cache_masks, is_local)))
   o = layers.attention(cfg, q, blocks)
-  o = seam.act("attn/heads", o, _sub(aa, "heads"))
+  o = act("attn/heads", o, _sub(aa, "heads"))
   o = linear("attn/o", o.reshape(b, l, -1), at["o"], _sub(aa, "o"))
   if cfg.post_norms:
     o = norm(o, lp["post_attn_norm"]["scale"])
@@ -165,12 +180,12 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   up = linear("mlp/up", h, mp["up"], _sub(ma, "up"))
   hid = layers.mlp_activation(cfg.mlp_act, gate) * up
   hid = sh.constrain(hid, (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_MLP))
-  hid = seam.act("mlp/hidden", hid, _sub(ma, "hidden"))
+  hid = act("mlp/hidden", hid, _sub(ma, "hidden"))
   o = linear("mlp/down", hid, mp["down"], _sub(ma, "down"))
   if cfg.post_norms:
     o = norm(o, lp["post_mlp_norm"]["scale"])
   new_kv = (k, v) if return_kv else None
-  return sh.constrain(x + o, _BLD), new_kv
+  return sh.constrain(x + o, _BLD), (new_kv, aux)
 
 
 _REMAT_POLICIES = {
@@ -200,20 +215,23 @@ def _rope(cfg: ModelConfig, positions_BxL):
 
 def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
            cache_kv, return_kv: bool):
-  """Runs all layers (scan or Python loop). Returns (x, new kv or None)."""
+  """Runs all layers (scan or Python loop).
+
+  Returns (x, (new kv or None, aux)); aux leaves are stacked over layers.
+  """
   is_local = jnp.asarray(np.array([t == "local" for t in cfg.layer_types]))
   body = functools.partial(_layer, cfg, seam, ctx, return_kv=return_kv)
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
   lp_all, la_all = params["layers"], _sub(adapters, "layers")
   if not cfg.scan_layers:
-    new = []
+    outs = []
     for i in range(cfg.n_layers):
       pick = lambda t, i=i: jax.tree.map(lambda a: a[i], t)
-      x, kv = body(x, pick(lp_all), pick(la_all), is_local[i],
-                   pick(cache_kv))
-      new.append(kv)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *new)
+      x, out = body(x, pick(lp_all), pick(la_all), is_local[i],
+                    pick(cache_kv))
+      outs.append(out)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
   def step(x, xs):
     return body(x, *xs)
@@ -223,7 +241,7 @@ def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
 
 def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
            segment_ids_BxL, *, adapters=None, seam: Seam = DEFAULT_SEAM,
-           cache=None, attend_cache: bool = True):
+           cache=None, attend_cache: bool = True, return_aux: bool = False):
   """Final-normed hidden states, optionally through a KV cache.
 
   `cache` is None (attend within `tokens`) or a dict with 'k', 'v'
@@ -232,7 +250,8 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   attend to the filled slots and causally to each other; their keys,
   values, positions and segments are then written at `slot` in one update
   per array, and `slot` advances by L. `attend_cache=False` skips reading
-  the cache (prefill of an empty cache). Returns (h_BxLxD, cache).
+  the cache (prefill of an empty cache). Returns (h_BxLxD, cache), or
+  (h_BxLxD, cache, aux) with `return_aux` (see `_layer`).
   """
   dtype = jnp.dtype(cfg.dtype)
   l = tokens_BxL.shape[1]
@@ -252,8 +271,8 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
                          extra=(k_idx < slot)[None, None])
     cache_kv = (cache["k"], cache["v"])
   ctx = _Context(masks, cache_masks, *_rope(cfg, positions_BxL))
-  x, new_kv = _stack(cfg, seam, ctx, x, params, adapters, cache_kv,
-                     cache is not None)
+  x, (new_kv, aux) = _stack(cfg, seam, ctx, x, params, adapters, cache_kv,
+                            cache is not None)
   h = layers.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps,
                       cfg.norm_offset)
   if cache is not None:
@@ -268,7 +287,7 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
         "seg": put(cache["seg"], segment_ids_BxL, (0, slot)),
         "slot": slot + l,
     }
-  return h, cache
+  return (h, cache, aux) if return_aux else (h, cache)
 
 
 def _defaults(tokens_BxL, positions, segment_ids):
@@ -283,16 +302,18 @@ def _defaults(tokens_BxL, positions, segment_ids):
 def hidden(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
            positions_BxL: jax.Array | None = None,
            segment_ids_BxL: jax.Array | None = None, *, adapters=None,
-           seam: Seam | None = None) -> jax.Array:
+           seam: Seam | None = None, return_aux: bool = False):
   """Final-normed hidden states [B, L, D] (compute dtype), pre-unembedding.
 
   `positions` default to 0..L-1; `segment_ids` (0 = padding) default to all
-  ones. Tokens attend only to earlier tokens of the same segment.
+  ones. Tokens attend only to earlier tokens of the same segment. With
+  `return_aux`, returns (h, aux): the seams' side outputs, each stacked
+  over layers ({'attn/q/<key>': [n_layers, ...], ...}).
   """
   positions, segs = _defaults(tokens_BxL, positions_BxL, segment_ids_BxL)
-  h, _ = decode(cfg, params, tokens_BxL, positions, segs, adapters=adapters,
-                seam=seam or DEFAULT_SEAM)
-  return h
+  out = decode(cfg, params, tokens_BxL, positions, segs, adapters=adapters,
+               seam=seam or DEFAULT_SEAM, return_aux=return_aux)
+  return (out[0], out[2]) if return_aux else out[0]
 
 
 def unembedding(cfg: ModelConfig, params: dict) -> jax.Array:
