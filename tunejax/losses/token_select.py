@@ -19,7 +19,9 @@ from tunejax import errors
 from tunejax.losses.base import Head, register
 from tunejax.losses.sft import target_stats, token_weights
 
-HISTORIES = ("ref", "batch")
+# 'ema' / 'snapshot': the train state keeps a history model
+# (tunejax.train.history) and the step passes it as the reference head.
+HISTORIES = ("ref", "batch", "ema", "snapshot")
 
 
 def select_top(score_N, valid_N, group_N, ratio: float):
@@ -64,7 +66,7 @@ def history_logp(ref: Head | None, batch, history: str, impl: str):
       raise errors.DataError("history='batch' needs a precomputed "
                              "'ref_logp' [B, L] key in the batch")
     return batch["ref_logp"].astype(jnp.float32).reshape(-1)
-  if history != "ref":
+  if history not in HISTORIES:
     raise errors.ConfigError(f"config.loss.options.history={history!r}: "
                              f"expected one of {HISTORIES}")
   if ref is None:
@@ -91,7 +93,8 @@ def _check_ratio(ratio):
 
 @register("rho1", needs_ref=True)
 def rho1(policy: Head, batch, *, ref: Head | None = None, ratio: float = 0.6,
-         per_sample: bool = False, history: str = "ref", impl: str = "auto"):
+         per_sample: bool = False, history: str = "ref", impl: str = "auto",
+         history_decay: float = 0.99, history_every: int = 100):
   """Selective language modelling (Rho-1) with excess loss.
 
   score_t = L_θ(y_t) - L_ref(y_t) (detached); keep the top ⌈ρ·n⌉ trained
@@ -107,6 +110,7 @@ def rho1(policy: Head, batch, *, ref: Head | None = None, ratio: float = 0.6,
   in `batch['ref_logp']` (`history='batch'`; the reference forward still
   runs since `needs_ref` is per loss name).
   """
+  del history_decay, history_every  # Read by the train setup.
   _check_ratio(ratio)
   logp = target_stats(policy, batch, impl=impl).logp
   ref_logp = history_logp(ref, batch, history, impl)
@@ -131,7 +135,8 @@ def _group_minmax(x_N, valid_N, group_N):
 @register("sstoken", needs_ref=True)
 def sstoken(policy: Head, batch, *, ref: Head | None = None,
             ratio: float = 0.6, gamma: float = 0.5, history: str = "ref",
-            impl: str = "auto"):
+            impl: str = "auto", history_decay: float = 0.99,
+            history_every: int = 100):
   """ssToken: self-modulated + semantic-aware token selection.
 
   Qin et al., "ssToken: Self-modulated and Semantic-aware Token Selection
@@ -144,9 +149,10 @@ def sstoken(policy: Head, batch, *, ref: Head | None = None,
     the kept targets (denominator: number kept).
 
   The history model is the frozen base model, as in the released code
-  (`history='ref'`, computed in the step; or precomputed log-probs in
-  `batch['ref_logp']` with `history='batch'`). An EMA history model would
-  need TrainState changes and is not implemented.
+  (`history='ref'`, computed in the step), precomputed log-probs in
+  `batch['ref_logp']` (`history='batch'`), or a past copy of the trained
+  params kept in the state: an EMA (`history='ema'`, `history_decay`) or a
+  snapshot refreshed every `history_every` steps (`history='snapshot'`).
 
   Attn_t (last-layer head-averaged attention mass from the response token
   to its prompt) needs model internals the loss does not see: it is read
@@ -155,6 +161,7 @@ def sstoken(policy: Head, batch, *, ref: Head | None = None,
   (the paper's "self-modulated only" ablation). The code's warm start
   (γ = 0 for the first 10k samples) is left to the caller's config.
   """
+  del history_decay, history_every  # Read by the train setup.
   _check_ratio(ratio)
   logp = target_stats(policy, batch, impl=impl).logp
   his_logp = history_logp(ref, batch, history, impl)

@@ -33,7 +33,8 @@ class Evaluator:
       except StopIteration:
         break
       g = data.to_global(batch, self.run.mesh, self.run.batch_sharding)
-      out = jax.device_get(self._step(state.params, state.frozen, g))
+      out = jax.device_get(self._step(state.params, state.frozen, g,
+                                      state.history))
       for k, v in out.items():
         sums[k] = sums.get(k, 0.0) + float(v)
     if not sums.get("denom"):

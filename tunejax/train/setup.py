@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tunejax import errors, losses, models, optim, peft, sharding
 from tunejax.data import transforms
 from tunejax.state import TrainState
+from tunejax.train import history as history_lib
 from tunejax.train import step as step_lib
 from tunejax.train.config import Config, ModelSection
 
@@ -76,6 +77,8 @@ def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
 
   The reference is the frozen base model (PEFT adapters off), computed in
   the same step under `stop_gradient`; only losses that ask for it pay.
+  When the batch carries a history model's trainable params (`history`,
+  see `tunejax.train.history`), the reference is that model instead.
   With `masked_thought` > 0, training batches (those carrying the optimizer
   `step`) get Masked Thought input masking; eval batches stay clean.
   """
@@ -89,7 +92,10 @@ def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
     policy = _head(model_cfg, base, adapters, method.seam, batch)
     if not with_ref:
       return policy, None
-    ref_base, ref_adapters = method.reference(params, frozen)
+    if "history" in batch:
+      ref_base, ref_adapters = method.assemble(batch["history"], frozen)
+    else:
+      ref_base, ref_adapters = method.reference(params, frozen)
     ref = _head(model_cfg, ref_base, ref_adapters, method.seam, batch)
     return policy, jax.tree.map(jax.lax.stop_gradient, ref)
   return apply
@@ -115,6 +121,7 @@ class Run(NamedTuple):
   apply_fn: Any
   loss_fn: Any
   jitted: dict  # compiled-step cache
+  history: history_lib.History | None = None  # history model, if any
 
 
 _RUNS: dict = {}
@@ -133,10 +140,12 @@ def _keys(seed: int):
   return (rng, *jax.random.split(jax.random.fold_in(rng, 1)))
 
 
-def _make_state(params, rng, k_peft, *, method, tx) -> TrainState:
+def _make_state(params, rng, k_peft, *, method, tx,
+                history=None) -> TrainState:
   t, f = method.init(k_peft, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=t, frozen=f,
-                    opt_state=tx.init(t), rng=rng)
+                    opt_state=tx.init(t), rng=rng,
+                    history=history_lib.init(history, t))
 
 
 def _make_run(cfg: Config, model_cfg) -> Run:
@@ -148,9 +157,11 @@ def _make_run(cfg: Config, model_cfg) -> Run:
   rng, k_init, k_peft = _keys(cfg.seed)
   params = jax.eval_shape(functools.partial(models.init, model_cfg), k_init)
   abstract_t, _ = jax.eval_shape(method.init, k_peft, params)
-  tx, sched = optim.make_tx(cfg.optim, abstract_t, cfg.total_steps)
-  abstract = jax.eval_shape(functools.partial(_make_state, method=method,
-                                              tx=tx), params, rng, k_peft)
+  tx, sched = optim.make_tx(cfg.optim, abstract_t, cfg.total_steps,
+                            lora_scales=method.lora_scales())
+  hist = history_lib.from_loss_options(cfg.loss.options)
+  abstract = jax.eval_shape(functools.partial(
+      _make_state, method=method, tx=tx, history=hist), params, rng, k_peft)
   t_axes, f_axes = method.axes(models.param_axes(model_cfg))
   t_sh = sharding.tree_shardings(t_axes, abstract.params, mesh, rules)
   f_sh = sharding.tree_shardings(f_axes, abstract.frozen, mesh, rules)
@@ -160,7 +171,8 @@ def _make_run(cfg: Config, model_cfg) -> Run:
       transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, NamedSharding))
   state_sh = TrainState(step=repl, params=t_sh, frozen=f_sh,
-                        opt_state=opt_sh, rng=repl)
+                        opt_state=opt_sh, rng=repl,
+                        history=None if hist is None else t_sh)
   return Run(model_cfg=model_cfg, method=method, tx=tx, lr_schedule=sched,
              mesh=mesh, rules=rules, state_shardings=state_sh,
              batch_sharding=sharding.batch_sharding(mesh, rules),
@@ -171,14 +183,16 @@ def _make_run(cfg: Config, model_cfg) -> Run:
                  mask_id=(model_cfg.pad_id if cfg.data.mask_token_id is None
                           else cfg.data.mask_token_id),
                  total_steps=cfg.total_steps),
-             loss_fn=make_loss(cfg.loss.name, cfg.loss.options), jitted={})
+             loss_fn=make_loss(cfg.loss.name, cfg.loss.options), jitted={},
+             history=hist)
 
 
 def _init_fn(run: Run, pretrained: bool):
   """Jitted (params | rng) -> TrainState, created directly sharded."""
   key = ("init", pretrained)
   if key not in run.jitted:
-    make = functools.partial(_make_state, method=run.method, tx=run.tx)
+    make = functools.partial(_make_state, method=run.method, tx=run.tx,
+                             history=run.history)
     if pretrained:
       model_sh = sharding.tree_shardings(
           models.param_axes(run.model_cfg),
@@ -224,7 +238,7 @@ def jit_train_step(run: Run, micro_batches: int):
   if key not in run.jitted:
     fn = functools.partial(step_lib.train_step, apply_fn=run.apply_fn,
                            loss_fn=run.loss_fn, tx=run.tx,
-                           micro_batches=micro_batches)
+                           micro_batches=micro_batches, history=run.history)
     repl = NamedSharding(run.mesh, P())
     run.jitted[key] = jax.jit(
         _with_rules(fn, run),
@@ -240,7 +254,7 @@ def jit_eval_step(run: Run):
     sh = run.state_shardings
     run.jitted["eval"] = jax.jit(
         _with_rules(fn, run),
-        in_shardings=(sh.params, sh.frozen, run.batch_sharding),
+        in_shardings=(sh.params, sh.frozen, run.batch_sharding, sh.history),
         out_shardings=NamedSharding(run.mesh, P()))
   return run.jitted["eval"]
 
@@ -258,7 +272,7 @@ def abstract_state(cfg: Config, model_cfg) -> tuple[TrainState, Run]:
   rng, k_init, k_peft = _keys(cfg.seed)
   shapes = jax.eval_shape(
       lambda: _make_state(models.init(model_cfg, k_init), rng, k_peft,
-                          method=run.method, tx=run.tx))
+                          method=run.method, tx=run.tx, history=run.history))
   state = jax.tree.map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
       shapes, run.state_shardings)

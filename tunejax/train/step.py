@@ -14,6 +14,7 @@ import optax
 
 from tunejax.losses import Head
 from tunejax.state import TrainState
+from tunejax.train import history as history_lib
 
 # apply_fn(params, frozen, batch, rng) -> (policy Head, reference Head | None)
 ApplyFn = Callable[..., tuple[Head, Head | None]]
@@ -44,17 +45,21 @@ def _normalise(loss_sum, denom, aux):
 
 
 def loss_and_grads(params, frozen, batch, rng, *, apply_fn: ApplyFn,
-                   loss_fn, micro_batches: int = 1, step=None):
+                   loss_fn, micro_batches: int = 1, step=None, history=None):
   """Token-weighted loss pieces and the gradient of sum(loss_sum) / denom.
 
   Micro-batches are scanned; their loss sums, denominators, aux sums and
   gradient sums are added, and the division happens once at the end, so
   the result equals the big-batch step exactly (up to float summation).
   The loss also sees the micro-batch's key as `rng` and the optimizer
-  `step` (sampling losses, scheduled token weights).
+  `step` (sampling losses, scheduled token weights); a history model's
+  params ride along as `history` (data: `apply_fn` builds the reference
+  from them, no gradient flows there).
   """
   def objective(p, mb, key):
     extra = {"rng": key} if step is None else {"rng": key, "step": step}
+    if history is not None:
+      extra["history"] = history
     mb = {**mb, **extra}
     loss_sum, denom, aux = loss_fn(apply_fn(p, frozen, mb, key), mb)
     return loss_sum, (denom, aux)
@@ -79,21 +84,28 @@ def loss_and_grads(params, frozen, batch, rng, *, apply_fn: ApplyFn,
 
 
 def train_step(state: TrainState, batch, rng, *, apply_fn: ApplyFn, loss_fn,
-               tx: optax.GradientTransformation, micro_batches: int = 1):
+               tx: optax.GradientTransformation, micro_batches: int = 1,
+               history: history_lib.History | None = None):
   """One optimizer step. Returns (new_state, metrics)."""
   rng = jax.random.fold_in(rng, state.step)
   metrics, grads = loss_and_grads(
       state.params, state.frozen, batch, rng, apply_fn=apply_fn,
-      loss_fn=loss_fn, micro_batches=micro_batches, step=state.step)
+      loss_fn=loss_fn, micro_batches=micro_batches, step=state.step,
+      history=state.history)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)
-  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  new = state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state,
+      history=history_lib.update(history, state.history, params, state.step))
   return new, metrics
 
 
-def eval_step(params, frozen, batch, *, apply_fn: ApplyFn, loss_fn):
+def eval_step(params, frozen, batch, history=None, *, apply_fn: ApplyFn,
+              loss_fn):
   """Loss pieces on one batch, to be summed over an eval set by the host."""
+  if history is not None:
+    batch = {**batch, "history": history}
   # rng None: eval is deterministic (PEFT methods skip dropout).
   loss_sum, denom, aux = loss_fn(apply_fn(params, frozen, batch, None), batch)
   return {"loss_sum": loss_sum, "denom": denom,
