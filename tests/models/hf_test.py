@@ -62,10 +62,12 @@ def test_left_padded_rows_match_hf(family, hf_models, loaded):
   np.testing.assert_allclose(out[mask == 1], ref[mask == 1], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3"])
 def test_save_hf_round_trip(family, hf_models, loaded, tmp_path):
   model, _ = hf_models[family]
   cfg, params = loaded[family]
+  if cfg.query_pre_attn_scalar:  # As GGUF metadata gives it: a float.
+    cfg = cfg.replace(query_pre_attn_scalar=float(cfg.query_pre_attn_scalar))
   out_dir = str(tmp_path / "export")
   # A tiny shard limit forces a sharded checkpoint with an index file.
   models.save_hf(cfg, params, out_dir, max_shard_bytes=40_000)

@@ -139,7 +139,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "attention_bias": cfg.qkv_bias,
   }
   if gemma:
-    d.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+    scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+    # transformers' Gemma 3 config validates this field as an int.
+    scalar = int(scalar) if float(scalar).is_integer() else scalar
+    d.update(query_pre_attn_scalar=scalar,
              sliding_window=cfg.sliding_window,
              attn_logit_softcapping=cfg.attn_softcap,
              final_logit_softcapping=cfg.final_logit_softcap,
