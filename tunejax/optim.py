@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from tunejax import errors, tree
+from tunejax.peft import lora_pro, masks
 
 # Decoupled weight decay skips these by default (norm scales, biases,
 # embeddings), as is standard for transformer fine-tuning.
@@ -31,6 +32,13 @@ class OptimConfig:
   clip_norm: float = 1.0        # global-norm clipping; 0 = off
   # (regex, lr multiplier): first match wins; unmatched params use 1.0.
   lr_groups: tuple[tuple[str, float], ...] = ()
+  # Per-layer lr x decay^(L-1-l) for layer l; freeze_layers > 0 freezes the
+  # embeddings and the lowest layers (peft/masks.py `layerwise_scale`).
+  layer_lr_decay: float = 1.0
+  freeze_layers: int = 0
+  # LoRA-Pro gradient correction (tunejax/peft/lora_pro.py): '' = off, or
+  # the free matrix X's mode: 'sylvester' | 'zero' | 'symmetry'.
+  lora_pro: str = ""
 
   def validate(self):
     if self.name not in ("adamw", "adafactor", "lion", "sgd"):
@@ -94,17 +102,21 @@ def _check_groups_used(cfg: OptimConfig, params):
           f"config.optim.lr_groups: '{pat}' matches no trainable parameter")
 
 
-def make_tx(cfg: OptimConfig, params, total_steps: int
+def make_tx(cfg: OptimConfig, params, total_steps: int, *,
+            lora_scales: dict[str, float] | None = None
             ) -> tuple[optax.GradientTransformation, Callable]:
   """Builds the optimizer for the trainable `params` tree.
 
   Returns (tx, lr_schedule). Frozen params never reach the optimizer (they
   live in `TrainState.frozen`), so they get no optimizer state at all.
+  `lora_scales` ({module: s}, `Method.lora_scales()`) feeds LoRA-Pro.
   """
   sched = schedule(cfg, total_steps)
   parts = []
   if cfg.clip_norm:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  if cfg.lora_pro:  # Corrects raw (clipped) gradients, before the moments.
+    parts.append(lora_pro.lora_pro(lora_scales or {}, cfg.lora_pro))
   parts.append(_core(cfg))
   if cfg.weight_decay:
     decay_mask = tree.map_with_names(
@@ -117,6 +129,8 @@ def make_tx(cfg: OptimConfig, params, total_steps: int
             lambda s, m=m: sched(s) * m) for m in mults}, labels))
   else:
     parts.append(optax.scale_by_learning_rate(sched))
+  if cfg.layer_lr_decay != 1.0 or cfg.freeze_layers:
+    parts.append(masks.layerwise_scale(cfg.layer_lr_decay, cfg.freeze_layers))
   return optax.chain(*parts), sched
 
 

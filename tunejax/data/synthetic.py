@@ -20,6 +20,11 @@ and fixed-form so that a small base model (Gemma 3 270M) learns `add2` or
 `make_examples(task, n, seed)` is a pure function of its arguments (string
 seeding of `random.Random` is stable across Python runs and platforms) and
 returns distinct examples while the task has enough of them.
+
+Each example also carries a preference pair for the `preference` format:
+`chosen` (the answer) and `rejected` (the answer corrupted in one place:
+one digit changed, or two characters swapped), drawn from a separate
+stream so the other fields do not depend on it.
 """
 from __future__ import annotations
 
@@ -94,7 +99,27 @@ def make_examples(task: str, n: int, seed: int) -> list[dict[str, str]]:
       continue
     seen.add(prompt)
     out.append({"prompt": prompt, "completion": answer, "answer": answer})
+  bad = random.Random(f"tunejax/{task}/{seed}/rejected")
+  for ex in out:
+    ex["chosen"], ex["rejected"] = ex["answer"], corrupt(ex["answer"], bad)
   return out
+
+
+def corrupt(answer: str, rng: random.Random) -> str:
+  """A plausible wrong answer: one digit changed, else two chars swapped."""
+  digits = [i for i, c in enumerate(answer) if c.isdigit()]
+  if digits:
+    i = rng.choice(digits)
+    lead = i == digits[0] and len(digits) > 1
+    choices = [d for d in "0123456789"[1 if lead else 0:] if d != answer[i]]
+    return answer[:i] + rng.choice(choices) + answer[i + 1:]
+  chars = [i for i, c in enumerate(answer) if not c.isspace()]
+  for _ in range(20):
+    i, j = sorted(rng.sample(chars, 2))
+    if answer[i] != answer[j]:
+      return answer[:i] + answer[j] + answer[i + 1:j] + answer[i] + answer[
+          j + 1:]
+  return answer + answer[-1]
 
 
 def _normalise(text: str) -> str:

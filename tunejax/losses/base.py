@@ -13,6 +13,9 @@ class Head(NamedTuple):
   h_BxLxD: jax.Array
   w_DxV: jax.Array
   softcap: Optional[float] = None
+  # (penalty, {metric: value}) from the PEFT method's side outputs (e.g.
+  # MoE-LoRA's router balance); the trainer adds penalty to the mean loss.
+  model_aux: Any = None
 
 
 # loss(policy: Head, batch, *, ref: Head | None, **options)

@@ -66,6 +66,10 @@ class ModelConfig:
   eos_id: int = 2
   pad_id: int = 0
   max_seq_len: int = 2048
+  # LongLoRA S²-Attn (`layers.s2_attention`): group size G > 0 replaces
+  # dense attention in forwards without a KV cache (training, eval); 0 =
+  # dense. Generation always attends densely.
+  s2_group: int = 0
 
   def __post_init__(self):
     if not self.layer_types:
@@ -94,6 +98,10 @@ class ModelConfig:
     if self.remat not in ("none", "full", "save_dots"):
       bad("remat", f"expected 'none', 'full' or 'save_dots', got "
           f"{self.remat!r}")
+    if self.s2_group < 0 or self.s2_group % 2 or (
+        self.s2_group and self.n_heads % 2):
+      bad("s2_group", f"S²-Attn needs an even group size >= 0 and an even "
+          f"n_heads, got {self.s2_group} and {self.n_heads}")
     for key in ("param_dtype", "dtype"):
       if getattr(self, key) not in ("float32", "bfloat16"):
         bad(key, f"expected 'float32' or 'bfloat16', got "

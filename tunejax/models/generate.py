@@ -60,7 +60,7 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
               top_k: int | None, top_p: float | None, eos_ids: tuple,
               params, adapters, tokens_BxP, lengths_B, rng):
   b, p = tokens_BxP.shape
-  s = p + max_new
+  s = p + max_new + seam.position_offset(adapters)  # + virtual tokens
   dtype = jnp.dtype(cfg.dtype)
   pad_B = p - lengths_B
   idx_P = jnp.arange(p)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tunejax import errors
 from tunejax.models.config import ModelConfig
 
 # A finite "-inf" keeps fully masked rows (padding queries) NaN-free.
@@ -73,10 +74,13 @@ def attention_mask(q_idx_L: jax.Array, k_idx_S: jax.Array,
   """[B, L, S] bool: causal (by index) AND same segment AND in window.
 
   The window is measured on positions (q_pos - k_pos < window), as in HF, so
-  it restarts with each packed document.
+  it restarts with each packed document. A negative key segment marks a
+  shared key (soft-prompt / prefix virtual tokens): every non-padding query
+  sees it, so each packed document sees the shared prompt.
   """
   causal = (k_idx_S[None, :] <= q_idx_L[:, None])[None]
-  same = q_seg_BxL[:, :, None] == k_seg_BxS[:, None, :]
+  q_seg, k_seg = q_seg_BxL[:, :, None], k_seg_BxS[:, None, :]
+  same = (q_seg == k_seg) | ((k_seg < 0) & (q_seg > 0))
   mask = causal & same
   if window is not None:
     mask &= (q_pos_BxL[:, :, None] - k_pos_BxS[:, None, :]) < window
@@ -117,3 +121,63 @@ def mlp_activation(name: str, x: jax.Array) -> jax.Array:
   if name == "silu":
     return jax.nn.silu(x)
   return jax.nn.gelu(x, approximate=True)
+
+
+def _s2_groups(x, n: int, axis: int):
+  """Splits `axis` (length n·G) into n groups folded into the batch axis 0."""
+  x = jnp.moveaxis(x, axis, 1)
+  b, l = x.shape[:2]
+  x = x.reshape(b * n, l // n, *x.shape[2:])
+  return jnp.moveaxis(x, 1, axis)
+
+
+def s2_attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, k_BxGxLxK: jax.Array,
+                 v_BxGxLxK: jax.Array, mask_BxLxL: jax.Array,
+                 group: int) -> jax.Array:
+  """LongLoRA's shifted sparse attention (S²-Attn) -> [B, L, H, K].
+
+  Chen et al. 2023, "LongLoRA" (arXiv 2309.12307, §3.2 and its Algorithm 1;
+  official `llama_attn_replace.py`): the sequence is cut into groups of
+  `group` tokens that attend only within their group; the second half of
+  the heads first rolls the sequence by -group/2, so its groups straddle
+  the first half's boundaries, and rolls its output back. Attention cost
+  is L·G instead of L².
+
+  One deliberate difference: the rolled-around last group holds the last
+  G/2 and the first G/2 tokens; the official code applies causality in the
+  rolled order there, so the first tokens see the sequence's end (a future
+  leak). Here the usual mask (causal by original index, same segment,
+  window) is rolled along with the tokens, so causality and packing hold
+  everywhere. With `group` = L both halves are dense causal attention.
+
+  GQA: the first half of the query heads uses the first half of the kv
+  heads when their count is even; otherwise the kv heads are repeated.
+  """
+  b, l, h, _ = q_BxLxHxK.shape
+  g = k_BxGxLxK.shape[1]
+  if l % group:
+    raise errors.ConfigError(
+        f"config.model.s2_group: sequence length {l} is not a multiple of "
+        f"the S²-Attn group {group}")
+  n, shift = l // group, group // 2
+  k, v = k_BxGxLxK, v_BxGxLxK
+  if g % 2:
+    k, v = (jnp.repeat(x, h // g, axis=1) for x in (k, v))
+    g = h
+  halves = ((slice(0, h // 2), slice(0, g // 2)),
+            (slice(h // 2, h), slice(g // 2, g)))
+  outs = []
+  for i, (hs, gs) in enumerate(halves):
+    qi, ki, vi, m = q_BxLxHxK[:, :, hs], k[:, gs], v[:, gs], mask_BxLxL
+    if i:  # shifted half: roll tokens (and the mask with them) by -G/2
+      qi, ki, vi = (jnp.roll(x, -shift, axis=ax)
+                    for x, ax in ((qi, 1), (ki, 2), (vi, 2)))
+      m = jnp.roll(m, (-shift, -shift), axis=(1, 2))
+    m = jnp.moveaxis(jnp.diagonal(m.reshape(b, n, group, n, group),
+                                  axis1=1, axis2=3), -1, 1)
+    o = attention(cfg, _s2_groups(qi, n, 1),
+                  [(_s2_groups(ki, n, 2), _s2_groups(vi, n, 2),
+                    m.reshape(b * n, group, group))])
+    o = o.reshape(b, l, *o.shape[2:])
+    outs.append(jnp.roll(o, shift, axis=1) if i else o)
+  return jnp.concatenate(outs, axis=2)

@@ -18,6 +18,24 @@ adapters tree passed to `hidden/forward/generate` mirrors the params tree:
   act 'mlp/hidden'        <- adapters['layers']['mlp']['hidden']
 Leaves under 'layers' carry a leading n_layers axis.
 
+Virtual tokens (the prompt family, see `prompt`, `prefix` and
+`position_offset`):
+  prompt                  <- adapters['prompt']: input-embedding hook; may
+                             update the token embeddings (DePT) and return
+                             [N, D] soft-prompt embeddings that the model
+                             prepends to every row (virtual tokens).
+  prefix                  <- the whole adapters tree: per-layer key/value
+                             prefixes [n_layers, P, G·K] (prefix tuning),
+                             one extra attention block in every layer.
+  position_offset         <- the whole adapters tree: real tokens' positions
+                             are shifted by it; the N (or P) virtual tokens
+                             take the positions just before, so a prompt
+                             reads "prompt, then text" exactly as in HF/PEFT.
+Virtual keys are shared: every non-padding query attends to them (negative
+key segment ids, see `layers.attention_mask`), so under packing each
+document sees the prompt exactly as if it ran alone. The model returns
+hidden states for the real tokens only, so losses need no change.
+
 Side outputs: inside the layer stack, `linear` and `act` may return
 `(y, {key: array})` instead of `y`; the model collects these per layer as
 '<module>/<key>' (e.g. 'mlp/gate/balance'), stacks them over layers and
@@ -82,6 +100,36 @@ class Seam:
     """
     del name, adapters
     return x
+
+  def prompt(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+             adapters: dict) -> tuple[jax.Array, jax.Array | None]:
+    """Input-embedding hook, after the lookup, before any embedding scale.
+
+    Args:
+      x_BxLxD: token embeddings (table dtype).
+      positions_BxL: the tokens' positions (before `position_offset`).
+      adapters: adapters['prompt'] ({} when absent).
+
+    Returns:
+      (x_BxLxD, None or [N, D] virtual-token embeddings prepended to every
+      row at the start of a sequence, i.e. without a KV cache or at
+      prefill).
+    """
+    del positions_BxL, adapters
+    return x_BxLxD, None
+
+  def prefix(self, adapters: dict) -> tuple[jax.Array, jax.Array] | None:
+    """None or per-layer (k, v) prefixes, each [n_layers, P, G·K] (heads
+    split like the k / v projections), used as given: after RoPE and any
+    k-norm, like HF past_key_values."""
+    del adapters
+    return None
+
+  def position_offset(self, adapters: dict) -> int:
+    """Static shift of the real tokens' positions (>= the number of virtual
+    tokens; `generate` sizes its KV cache with it)."""
+    del adapters
+    return 0
 
 
 DEFAULT_SEAM = Seam()

@@ -107,6 +107,7 @@ class _Context(NamedTuple):
   cache_masks: tuple | None
   rope_global: tuple[jax.Array, jax.Array]
   rope_local: tuple[jax.Array, jax.Array] | None
+  prefix_masks: tuple | None = None  # [B, L, P] pairs for `Seam.prefix`
 
 
 def _pick(pair, is_local):
@@ -116,11 +117,12 @@ def _pick(pair, is_local):
 
 
 def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
-           lp: dict, la: dict, is_local: jax.Array, cache_kv, *,
-           return_kv: bool):
+           lp: dict, la: dict, is_local: jax.Array, cache_kv, prefix_kv=None,
+           *, return_kv: bool):
   """One pre-norm decoder block.
 
   `cache_kv` is None or this layer's (k, v) cache [B, G, S, K], read only.
+  `prefix_kv` is None or this layer's (k, v) prefix [P, G·K] (shared keys).
   Returns (x, (this call's (k, v) [B, G, L, K] if `return_kv` else None,
   aux)), where aux is {'<module>/<key>': array} from seams that return
   side outputs (router balance terms, activation statistics, ...).
@@ -167,7 +169,16 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   blocks = [(k, v, _pick(ctx.masks, is_local))]
   if cache_kv is not None:
     blocks.insert(0, (*cache_kv, _pick(ctx.cache_masks, is_local)))
-  o = layers.attention(cfg, q, blocks)
+  if prefix_kv is not None:
+    p_len, g, kd = prefix_kv[0].shape[0], cfg.n_kv_heads, cfg.head_dim
+    pk, pv = (jnp.broadcast_to(  # [P, G·K] -> [B, G, P, K]
+        a.reshape(p_len, g, kd).transpose(1, 0, 2)[None], (b, g, p_len, kd))
+              for a in prefix_kv)
+    blocks.insert(0, (pk, pv, _pick(ctx.prefix_masks, is_local)))
+  if cfg.s2_group and len(blocks) == 1:  # LongLoRA, training-time only
+    o = layers.s2_attention(cfg, q, *blocks[0], cfg.s2_group)
+  else:
+    o = layers.attention(cfg, q, blocks)
   o = act("attn/heads", o, _sub(aa, "heads"))
   o = linear("attn/o", o.reshape(b, l, -1), at["o"], _sub(aa, "o"))
   if cfg.post_norms:
@@ -214,7 +225,7 @@ def _rope(cfg: ModelConfig, positions_BxL):
 
 
 def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
-           cache_kv, return_kv: bool):
+           cache_kv, return_kv: bool, prefix_kv=None):
   """Runs all layers (scan or Python loop).
 
   Returns (x, (new kv or None, aux)); aux leaves are stacked over layers.
@@ -229,14 +240,15 @@ def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
     for i in range(cfg.n_layers):
       pick = lambda t, i=i: jax.tree.map(lambda a: a[i], t)
       x, out = body(x, pick(lp_all), pick(la_all), is_local[i],
-                    pick(cache_kv))
+                    pick(cache_kv), pick(prefix_kv))
       outs.append(out)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
   def step(x, xs):
     return body(x, *xs)
 
-  return jax.lax.scan(step, x, (lp_all, la_all, is_local, cache_kv))
+  return jax.lax.scan(step, x, (lp_all, la_all, is_local, cache_kv,
+                                prefix_kv))
 
 
 def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
@@ -252,11 +264,26 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   per array, and `slot` advances by L. `attend_cache=False` skips reading
   the cache (prefill of an empty cache). Returns (h_BxLxD, cache), or
   (h_BxLxD, cache, aux) with `return_aux` (see `_layer`).
+
+  Virtual tokens (see `seam.py`): positions are shifted by
+  `seam.position_offset`; soft-prompt embeddings are prepended without a
+  cache or at prefill (and written to the cache with segment id -1); a
+  prefix is one more attention block per layer. `h` covers real tokens only.
   """
   dtype = jnp.dtype(cfg.dtype)
-  l = tokens_BxL.shape[1]
+  adapters = adapters or {}
+  offset = seam.position_offset(adapters)
   x = seam.embed(tokens_BxL, params["embed"]["embedding"],
-                 _sub(adapters, "embed")).astype(dtype)
+                 _sub(adapters, "embed"))
+  x, virtual = seam.prompt(x, positions_BxL, _sub(adapters, "prompt"))
+  positions_BxL = positions_BxL + offset
+  n_virtual = 0
+  if virtual is not None and (cache is None or not attend_cache):
+    x, positions_BxL, segment_ids_BxL = _prepend(
+        virtual, x, positions_BxL, segment_ids_BxL, offset)
+    n_virtual = virtual.shape[0]
+  x = x.astype(dtype)
+  l = x.shape[1]
   if cfg.embed_scale:  # HF rounds the scale to the compute dtype first.
     x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
   x = sh.constrain(x, _BLD)
@@ -270,9 +297,18 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
                          segment_ids_BxL, cache["seg"],
                          extra=(k_idx < slot)[None, None])
     cache_kv = (cache["k"], cache["v"])
-  ctx = _Context(masks, cache_masks, *_rope(cfg, positions_BxL))
+  prefix_kv = seam.prefix(adapters)
+  prefix_masks = None
+  if prefix_kv is not None:
+    p = prefix_kv[0].shape[1]
+    prefix_masks = _masks(cfg, idx + p, jnp.arange(p), positions_BxL,
+                          _virtual_positions(offset, p, tokens_BxL.shape[0]),
+                          segment_ids_BxL,
+                          jnp.full((tokens_BxL.shape[0], p), -1, jnp.int32))
+  ctx = _Context(masks, cache_masks, *_rope(cfg, positions_BxL),
+                 prefix_masks)
   x, (new_kv, aux) = _stack(cfg, seam, ctx, x, params, adapters, cache_kv,
-                            cache is not None)
+                            cache is not None, prefix_kv)
   h = layers.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps,
                       cfg.norm_offset)
   if cache is not None:
@@ -287,7 +323,27 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
         "seg": put(cache["seg"], segment_ids_BxL, (0, slot)),
         "slot": slot + l,
     }
+  h = h[:, n_virtual:]
   return (h, cache, aux) if return_aux else (h, cache)
+
+
+def _virtual_positions(offset: int, n: int, b: int) -> jax.Array:
+  """[B, N]: virtual tokens take the N positions just before the text's."""
+  return jnp.broadcast_to(jnp.arange(offset - n, offset, dtype=jnp.int32),
+                          (b, n))
+
+
+def _prepend(virtual_NxD, x_BxLxD, positions_BxL, segment_ids_BxL,
+             offset: int):
+  """Prepends shared virtual tokens (segment id -1) to every row."""
+  b, n = x_BxLxD.shape[0], virtual_NxD.shape[0]
+  v = jnp.broadcast_to(virtual_NxD.astype(x_BxLxD.dtype)[None],
+                       (b, *virtual_NxD.shape))
+  return (jnp.concatenate([v, x_BxLxD], axis=1),
+          jnp.concatenate([_virtual_positions(offset, n, b),
+                           positions_BxL.astype(jnp.int32)], axis=1),
+          jnp.concatenate([jnp.full((b, n), -1, segment_ids_BxL.dtype),
+                           segment_ids_BxL], axis=1))
 
 
 def _defaults(tokens_BxL, positions, segment_ids):

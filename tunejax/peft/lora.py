@@ -40,6 +40,9 @@ from tunejax.peft import lowrank, peft_format
 from tunejax.peft.base import Method, PeftConfig, register
 
 EXTRA = "peft"  # frozen[EXTRA]: method-owned frozen tensors (not model params)
+# trainable[TRAINED]: model params trained alongside the adapters
+# (`peft.also_trainable`, e.g. LongLoRA's embeddings and norms).
+TRAINED = "model"
 
 
 def _dropout(x, key, rate: float):
@@ -129,6 +132,9 @@ class Lora(Method):
     return {m: self._rank_alpha(m) for m in kernels
             if any(re.fullmatch(p, m) for p in self.cfg.targets)}
 
+  def lora_scales(self):
+    return dict(self._scales)
+
   def scale(self, rank: int, alpha: float) -> float:
     sqrt = self.sqrt_scaling or self.cfg.rslora
     return alpha / (math.sqrt(rank) if sqrt else rank)
@@ -176,7 +182,28 @@ class Lora(Method):
                              adapters)
     if extra:
       flat.update(tree.flatten({EXTRA: extra}))
-    return adapters, tree.unflatten(flat)
+    self._check_trained(flat)
+    trained, frozen = tree.split(tree.unflatten(flat), self._is_trained)
+    if trained:
+      adapters = dict(adapters, **{TRAINED: trained})
+    return adapters, frozen
+
+  def _is_trained(self, name: str) -> bool:
+    return any(re.fullmatch(p, name) for p in self.cfg.also_trainable)
+
+  def _check_trained(self, names):
+    for p in self.cfg.also_trainable:
+      if not any(re.fullmatch(p, n) for n in names):
+        raise errors.ConfigError(
+            f"config.peft.also_trainable: '{p}' matches no parameter")
+
+  def _model_params(self, trainable, frozen) -> tuple[dict, dict]:
+    """(model params incl. the also-trained ones, adapters-only tree)."""
+    base = self._base(frozen)
+    if TRAINED not in trainable:
+      return base, trainable
+    rest = {k: v for k, v in trainable.items() if k != TRAINED}
+    return tree.merge(base, trainable[TRAINED]), rest
 
   def _base(self, frozen) -> dict:
     if not self._scales:  # restored without init(): recompute the scales
@@ -190,7 +217,7 @@ class Lora(Method):
     return trainable
 
   def assemble(self, trainable, frozen, rng=None):
-    base = self._base(frozen)
+    base, trainable = self._model_params(trainable, frozen)
     adapters = self.adapters_for(trainable, frozen)
     if rng is None or not self.cfg.dropout:
       return base, adapters
@@ -205,10 +232,17 @@ class Lora(Method):
 
   def reference(self, trainable, frozen):
     del trainable
+    self._no_trained_reference()
     return self._base(frozen), None
 
+  def _no_trained_reference(self):
+    if self.cfg.also_trainable:
+      raise errors.ConfigError(
+          "config.peft.also_trainable: the base model is then trained too, "
+          "so there is no frozen reference model for config.loss.name")
+
   def merged(self, trainable, frozen):
-    base = self._base(frozen)
+    base, trainable = self._model_params(trainable, frozen)
     flat = tree.flatten(base)
     ad = tree.flatten(self.adapters_for(trainable, frozen))
     for m, s in self._scales.items():
@@ -218,6 +252,8 @@ class Lora(Method):
     return tree.unflatten(flat)
 
   def export_adapter(self, trainable, frozen, model_cfg, out_dir):
+    if self.cfg.also_trainable:
+      return False  # PEFT's modules_to_save form is not written
     peft_format.export_adapter(self, trainable, frozen, model_cfg, out_dir)
     return True
 
@@ -231,6 +267,11 @@ class Lora(Method):
     t_axes = tree.unflatten(out)
     extra = self.extra_axes(t_axes)
     f_axes = dict(model_axes, **({EXTRA: extra} if extra else {}))
+    if self.cfg.also_trainable:
+      self._check_trained(flat)
+      trained, f_axes = tree.split(f_axes, self._is_trained,
+                                   is_leaf=tree.is_axes)
+      t_axes = dict(t_axes, **{TRAINED: trained})
     return t_axes, f_axes
 
 
@@ -270,6 +311,7 @@ class _Residual(Lora):
 
   def reference(self, trainable, frozen):
     del trainable  # W_res + s·A0 B0 = W, the base model before training.
+    self._no_trained_reference()
     return self._base(frozen), frozen[EXTRA]["init"]
 
 

@@ -11,7 +11,8 @@ from tunejax.data import DataConfig
 from tunejax.optim import OptimConfig
 from tunejax.peft import PeftConfig
 
-TASKS = ("sft", "eval", "export", "generate")
+TASKS = ("sft", "eval", "export", "generate", "dpo", "reward")
+REFERENCES = ("online", "precomputed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +33,15 @@ class ModelSection:
 class LossSection:
   name: str = "xent"
   options: dict = dataclasses.field(default_factory=dict)
+  # Reference log-probs of `needs_ref` losses: 'online' (the frozen base in
+  # the same step) or 'precomputed' (one pass before training, task=dpo).
+  reference: str = "online"
 
   def validate(self):
+    if self.reference not in REFERENCES:
+      raise errors.ConfigError(
+          f"config.loss.reference: {self.reference!r} (expected one of "
+          f"{list(REFERENCES)})")
     fn = losses.get(self.name)
     params = inspect.signature(fn).parameters
     for k in self.options:

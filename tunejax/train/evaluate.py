@@ -17,8 +17,9 @@ def _exact_match(completion: str, answer: str) -> bool:
 class Evaluator:
   """Computes `eval/*` metrics for a TrainState."""
 
-  def __init__(self, cfg, run, tokenizer, eval_cfg):
+  def __init__(self, cfg, run, tokenizer, eval_cfg, annotate=None):
     self.cfg, self.run, self.tok, self.data_cfg = cfg, run, tokenizer, eval_cfg
+    self._annotate = annotate  # wraps the eval iterator (see loop.train)
     self._step = setup.jit_eval_step(run)
     self._examples = None
 
@@ -26,6 +27,8 @@ class Evaluator:
     it = data.make_iterator(self.data_cfg, self.tok, seed=self.cfg.seed + 1,
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
+    if self._annotate is not None:
+      it = self._annotate(it)
     sums: dict[str, float] = {}
     for _ in range(self.cfg.eval.batches):
       try:
@@ -40,7 +43,10 @@ class Evaluator:
     if not sums.get("denom"):
       return {}
     loss = sums["loss_sum"] / sums["denom"]
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+    # The loss's aux sums as means too (e.g. eval/rewards/accuracy).
+    aux = {f"eval/{k[:-4]}": v / sums["denom"] for k, v in sums.items()
+           if k.endswith("_sum") and k != "loss_sum"}
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), **aux}
 
   def accuracy(self, state) -> dict:
     n = self.cfg.eval.generate_examples

@@ -8,10 +8,11 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tunejax import data, errors
+from tunejax import data, errors, optim, peft, sharding
 from tunejax.checkpoint import Checkpointer, abstract
 from tunejax.train import evaluate, setup
 from tunejax.train.config import Config, eval_data
@@ -72,8 +73,27 @@ def _log_row(run, cfg: Config, m: dict, step: int, ntokens: float, dt: float):
   return m
 
 
+def _events(cfg: Config, run, it) -> peft.EventContext:
+  """What PEFT methods' host events (mask selection, drop/grow) may use."""
+  def objective(params, frozen, batch, rng):
+    if rng is not None:
+      batch = {**batch, "rng": rng}
+    with sharding.use_rules(run.mesh, run.rules):
+      loss_sum, denom, _ = run.loss_fn(
+          run.apply_fn(params, frozen, batch, rng), batch)
+    return loss_sum / jnp.maximum(denom, 1e-8)
+  return peft.EventContext(
+      objective=objective,
+      next_batch=lambda: data.to_global(next(it), run.mesh,
+                                        run.batch_sharding),
+      state_shardings=run.state_shardings, tx=run.tx,
+      make_tx=lambda t: optim.make_tx(cfg.optim, t, cfg.total_steps)[0],
+      total_steps=cfg.total_steps, model_cfg=run.model_cfg)
+
+
 def _steps(cfg: Config, run, state, it, ckpt, writer, evaluator, start: int):
   """The step loop. Returns (state, last logged metrics, preempted)."""
+  events = _events(cfg, run, it)
   config_json = dataclasses.asdict(cfg)
   step_fn = setup.jit_train_step(run, cfg.micro_batches)
   base_rng = jax.random.PRNGKey(cfg.seed)
@@ -81,9 +101,12 @@ def _steps(cfg: Config, run, state, it, ckpt, writer, evaluator, start: int):
   with _Preemption() as pre:
     for step in range(start + 1, cfg.total_steps + 1):
       batch = next(it)
-      ntok += float(np.sum(batch["segment_ids"] > 0))
+      # Every processed token (both sides of preference pairs).
+      ntok += float(sum(np.sum(v > 0) for k, v in batch.items()
+                        if k.endswith("segment_ids")))
       gbatch = data.to_global(batch, run.mesh, run.batch_sharding)
       state, metrics = step_fn(state, gbatch, base_rng)
+      state = run.method.on_step(state, step, events)
       if step % cfg.log.every == 0 or step == cfg.total_steps:
         m = _host_metrics(metrics)
         if not np.isfinite(m["loss"]):
@@ -105,7 +128,8 @@ def _steps(cfg: Config, run, state, it, ckpt, writer, evaluator, start: int):
   return state, last, pre.requested
 
 
-def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
+def train(cfg: Config, workdir: str, model_cfg, params, tokenizer,
+          annotate=None) -> dict:
   """Runs `cfg.total_steps` optimizer steps; returns the final state/run.
 
   Eval runs before training (unless resumed), every `eval.every` steps and
@@ -117,13 +141,18 @@ def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
                       keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   it = _data_iterator(cfg.data, tokenizer, cfg.seed)
+  if annotate is not None:  # adds host-side arrays to batches (task=dpo)
+    it = annotate(it)
   start = 0
   if cfg.checkpoint.resume:
     state, start = _restore(ckpt, state, run, it)
+  if start == 0:  # e.g. data-driven sparse masks, LT-SFT's first phase
+    state = run.method.on_start(state, _events(cfg, run, it))
   writer = MetricsWriter(workdir, total_steps=cfg.total_steps,
                          start_step=start, tensorboard=cfg.log.tensorboard,
                          progress=cfg.log.progress)
-  evaluator = evaluate.Evaluator(cfg, run, tokenizer, eval_data(cfg))
+  evaluator = evaluate.Evaluator(cfg, run, tokenizer, eval_data(cfg),
+                                 annotate=annotate)
   try:
     if start == 0 and cfg.eval.every >= 0:
       writer.write(0, evaluator(state))

@@ -63,11 +63,20 @@ def load_tokenizer(ms: ModelSection):
   return tokenizers.load(path)
 
 
-def _head(model_cfg, base, adapters, seam, batch) -> losses.Head:
-  h = models.hidden(model_cfg, base, batch["tokens"], batch["positions"],
-                    batch["segment_ids"], adapters=adapters, seam=seam)
+def _head(model_cfg, base, adapters, seam, batch,
+          method: peft.Method | None = None) -> losses.Head:
+  """The loss's Head; with a `method` that wants them, the seams' side
+  outputs become its `model_aux` (penalty, metrics), e.g. MoE balance."""
+  # Preference batches run chosen and rejected rows interleaved, [2B, L].
+  tokens, positions, segment_ids = losses.model_inputs(batch)
+  want_aux = method is not None and method.wants_model_aux
+  out = models.hidden(model_cfg, base, tokens, positions, segment_ids,
+                      adapters=adapters, seam=seam, return_aux=want_aux)
+  h, model_aux = out if want_aux else (out, None)
+  if want_aux:
+    model_aux = method.aux_loss(model_aux, segment_ids)
   return losses.Head(h, models.unembedding(model_cfg, base),
-                     model_cfg.final_logit_softcap)
+                     model_cfg.final_logit_softcap, model_aux=model_aux)
 
 
 def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
@@ -89,7 +98,7 @@ def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
       batch = transforms.masked_thought(
           batch, jax.random.fold_in(rng, 7), rate, mask_id)
     base, adapters = method.assemble(params, frozen, rng)
-    policy = _head(model_cfg, base, adapters, method.seam, batch)
+    policy = _head(model_cfg, base, adapters, method.seam, batch, method)
     if not with_ref:
       return policy, None
     if "history" in batch:
@@ -103,7 +112,18 @@ def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
 
 def make_loss(name: str, options: dict):
   fn = functools.partial(losses.get(name), **options)
-  return lambda heads, batch: fn(heads[0], batch, ref=heads[1])
+
+  def loss(heads, batch):
+    loss_sum, denom, aux = fn(heads[0], batch, ref=heads[1])
+    if heads[0].model_aux is None:
+      return loss_sum, denom, aux
+    # Method penalties are per-token means: scaled by denom here, the
+    # step's single division leaves them as they are (token-weighted over
+    # micro-batches); their metrics log the same way as `<name>_sum`.
+    penalty, metrics = heads[0].model_aux
+    aux = {**aux, **{f"{k}_sum": v * denom for k, v in metrics.items()}}
+    return loss_sum + penalty * denom, denom, aux
+  return loss
 
 
 class Run(NamedTuple):
@@ -128,7 +148,7 @@ _RUNS: dict = {}
 
 
 def _run_key(cfg: Config, model_cfg) -> tuple:
-  return (model_cfg, cfg.peft, cfg.loss.name,
+  return (model_cfg, cfg.peft, cfg.loss.name, cfg.loss.reference,
           json.dumps(cfg.loss.options, sort_keys=True), cfg.optim,
           cfg.total_steps, dataclasses.astuple(cfg.mesh)[:3],
           json.dumps(cfg.mesh.rules, sort_keys=True), jax.device_count(),
@@ -159,6 +179,7 @@ def _make_run(cfg: Config, model_cfg) -> Run:
   abstract_t, _ = jax.eval_shape(method.init, k_peft, params)
   tx, sched = optim.make_tx(cfg.optim, abstract_t, cfg.total_steps,
                             lora_scales=method.lora_scales())
+  tx = method.wrap_tx(tx)  # e.g. Half Fine-Tuning's per-round update mask
   hist = history_lib.from_loss_options(cfg.loss.options)
   abstract = jax.eval_shape(functools.partial(
       _make_state, method=method, tx=tx, history=hist), params, rng, k_peft)
@@ -178,7 +199,8 @@ def _make_run(cfg: Config, model_cfg) -> Run:
              batch_sharding=sharding.batch_sharding(mesh, rules),
              apply_fn=make_apply(
                  model_cfg, method,
-                 with_ref=losses.get(cfg.loss.name).needs_ref,
+                 with_ref=(losses.get(cfg.loss.name).needs_ref
+                           and cfg.loss.reference == "online"),
                  masked_thought=cfg.data.masked_thought,
                  mask_id=(model_cfg.pad_id if cfg.data.mask_token_id is None
                           else cfg.data.mask_token_id),

@@ -1,4 +1,4 @@
-"""`config.task` dispatch: sft, eval, export, generate."""
+"""`config.task` dispatch: sft, dpo, reward, eval, export, generate."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +10,7 @@ from absl import logging
 
 from tunejax import errors, models
 from tunejax.checkpoint import Checkpointer, abstract
+from tunejax.peft import prompt
 from tunejax.train import evaluate, loop, setup
 from tunejax.train.config import Config, eval_data
 
@@ -47,7 +48,8 @@ def _restored_state(cfg, workdir, model_cfg, params):
 
 def export(cfg, workdir, state, run) -> str:
   """Writes the merged HF checkpoint to WORKDIR/export/hf and, for methods
-  PEFT can represent, the PEFT-format adapter to WORKDIR/export/adapter."""
+  PEFT can represent, the PEFT-format adapter to WORKDIR/export/adapter;
+  sparse methods also write their deltas to WORKDIR/export/delta."""
   out = os.path.join(workdir, "export", "hf")
   params = run.method.merged(state.params, state.frozen)
   models.save_hf(run.model_cfg, jax.device_get(params), out)
@@ -55,6 +57,9 @@ def export(cfg, workdir, state, run) -> str:
     run.method.export_adapter(jax.device_get(state.params),
                               jax.device_get(state.frozen), run.model_cfg,
                               os.path.join(workdir, "export", "adapter"))
+    run.method.export_delta(jax.device_get(state.params),
+                            jax.device_get(state.frozen),
+                            os.path.join(workdir, "export", "delta"))
   return out
 
 
@@ -63,8 +68,15 @@ def run(cfg: Config, workdir: str) -> dict:
   _prepare_workdir(workdir, cfg)
   model_cfg, params = setup.load_model(cfg.model)
   tokenizer = setup.load_tokenizer(cfg.model)
-  if cfg.task == "sft":
-    out = loop.train(cfg, workdir, model_cfg, params, tokenizer)
+  # Soft-prompt init from text: tokenized once, with the run's tokenizer.
+  cfg = dataclasses.replace(cfg, peft=prompt.text_ids(cfg.peft, tokenizer))
+  if cfg.task == "reward":
+    from tunejax.train import reward  # pylint: disable=g-import-not-at-top
+    return reward.train(cfg, workdir, model_cfg, params, tokenizer)
+  if cfg.task in ("sft", "dpo"):
+    from tunejax.train import preference  # pylint: disable=g-import-not-at-top
+    trainer = preference.train if cfg.task == "dpo" else loop.train
+    out = trainer(cfg, workdir, model_cfg, params, tokenizer)
     if cfg.checkpoint.export_at_end and not out["preempted"]:
       out["export"] = export(cfg, workdir, out["state"], out["run"])
     return out

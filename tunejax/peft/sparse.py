@@ -1,0 +1,366 @@
+"""Sparse fine-tuning: k trainable deltas per matrix through the seam.
+
+    W_eff = W + scatter(indices, values)       indices: int32 [..., k] flat
+
+For each kernel matched by `peft.targets`, the trainable tree holds
+`{module: {'values': [..., k]}}` (float32, zero at init, so training starts
+at the base model) and `frozen['peft']` holds `{module: {'indices': ...}}`;
+layer-stacked kernels get layer-stacked `[n_layers, k]` leaves. Optimizer
+state therefore exists for the k values only. The k axis takes the logical
+name of the matrix's input axis, so deltas shard over the same mesh axis
+as their matrix.
+
+Methods (registry names):
+  sparse  a static mask from `peft.sparse_mask` (see `masks.py`): random,
+          magnitude, lift (rank `lift_rank`), fisher (squared gradients over
+          `sparse_batches` training batches, at the start), lt_sft.
+  spiel   SpIEL-AG (Ansell et al. 2024, arXiv 2401.16405; AlanAnsell/peft
+          `tuners/sft`): every `spiel_every` steps, per matrix, drop the
+          n = ⌊k·p⌋ active entries with the smallest |value| and grow the n
+          inactive entries with the largest |Σ_b ∂L_b/∂W| over
+          `sparse_batches` batches; grown values start at 0 with zeroed
+          optimizer moments (the paper's code seeds them from the gradient
+          statistics with a per-entry Adam age instead). p = 1 at the first
+          reselection (`spiel_first_full`), then p = rate·(1 − t/T) (linear)
+          or rate·(1 + cos(πt/T))/2 (cosine). The dense gradient is computed
+          one module (one layer-stacked matrix) at a time. Simplification:
+          all dense gradients are summed, where the code sums only over a
+          top-k candidate set chosen at the first batch.
+  lt_sft  LT-SFT (Ansell et al. 2022; cambridgeltl/composable-sft): at the
+          start, fully fine-tune the targeted matrices for `lt_sft_steps`
+          steps (the run's optimizer settings), keep the top-k |θ1 − θ0| per
+          matrix, reset to θ0 and train only those entries.
+
+Data-driven masks and drop/grow are host events between jitted steps
+(`on_start`, `on_step`), each a pure jitted state transformation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tunejax import errors, tree
+from tunejax.models.seam import Seam, matmul
+from tunejax.peft import masks, merging
+from tunejax.peft.base import EventContext, Method, PeftConfig, register
+
+EXTRA = "peft"  # frozen[EXTRA][module]['indices']
+MASKS = ("random", "magnitude", "lift", "fisher", "lt_sft")
+
+
+def add_delta(w: jax.Array, indices: jax.Array, values: jax.Array
+              ) -> jax.Array:
+  """W + scatter(indices, values) in float32, for [..., in, out] kernels.
+
+  Duplicate indices add up (so concatenated deltas compose additively).
+  """
+  *lead, d_in, d_out = w.shape
+  flat = w.astype(jnp.float32).reshape(-1, d_in * d_out)
+  idx = indices.reshape(flat.shape[0], -1)
+  vals = values.astype(jnp.float32).reshape(idx.shape)
+  out = jax.vmap(lambda f, i, v: f.at[i].add(v))(flat, idx, vals)
+  return out.reshape(*lead, d_in, d_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSeam(Seam):
+  """Adds the scattered delta to kernels whose adapters hold `values`."""
+
+  def linear(self, name, x, kernel, bias, adapters):
+    if "values" not in adapters:
+      return super().linear(name, x, kernel, bias, adapters)
+    w = add_delta(kernel, adapters["indices"], adapters["values"])
+    y = matmul(x, w.astype(x.dtype))
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+def drop_fraction(step: int, total: int, *, rate: float, schedule: str,
+                  first: bool) -> float:
+  """SpIEL's p at reselection `step`: 1 at the first if `first`, then
+  linear or cosine decay of `rate` to 0 at `total`."""
+  if first:
+    return 1.0
+  t = min(step / max(total, 1), 1.0)
+  if schedule == "cosine":
+    return rate * (1 + math.cos(math.pi * t)) / 2
+  return rate * (1 - t)
+
+
+def _spiel_one(idx_K, val_K, score_N, n):
+  """One matrix: slots of the n smallest |value| get the n best inactive."""
+  k = idx_K.shape[0]
+  rank = jnp.argsort(jnp.argsort(jnp.abs(val_K), stable=True), stable=True)
+  drop = rank < n
+  inactive = score_N.at[idx_K].set(-jnp.inf)
+  _, cand = jax.lax.top_k(inactive, k)  # best inactive first
+  new_idx = jnp.where(drop, cand[rank].astype(idx_K.dtype), idx_K)
+  return new_idx, jnp.where(drop, 0, val_K), drop
+
+
+@jax.jit
+def spiel_update(indices, values, score, n):
+  """Drop/grow for one (possibly layer-stacked) matrix. Pure.
+
+  Args:
+    indices: int32 [..., k] active flat indices (unique per matrix).
+    values: [..., k] their deltas.
+    score: [..., in, out] grow score (|accumulated gradient|).
+    n: entries to replace per matrix (traced; 0 <= n <= k).
+
+  Returns:
+    (indices, values, replaced): the slots of the n smallest |value| now
+    hold the n inactive entries with the largest score (best into the
+    smallest-|value| slot), values 0 there; `replaced` marks those slots.
+  """
+  lead = indices.shape[:-1]
+  flat = score.reshape(-1, score.shape[-2] * score.shape[-1])
+  out = jax.vmap(_spiel_one, in_axes=(0, 0, 0, None))(
+      indices.reshape(flat.shape[0], -1), values.reshape(flat.shape[0], -1),
+      flat, n)
+  return tuple(o.reshape(*lead, -1) for o in out)
+
+
+def _with_leaf(d: dict, name: str, x) -> dict:
+  flat = tree.flatten(d)
+  flat[name] = x
+  return tree.unflatten(flat)
+
+
+def replace_entries(state, tx, new_indices: dict, new_values: dict,
+                    replaced: dict):
+  """State with new indices/values per module and zeroed optimizer state
+  (moments) at the `replaced` slots. Pure; modules keyed by path."""
+  flat_t, flat_f = tree.flatten(state.params), tree.flatten(state.frozen)
+  reset = {}
+  for m in new_indices:
+    flat_t[m + "/values"] = new_values[m].astype(flat_t[m + "/values"].dtype)
+    flat_f[f"{EXTRA}/{m}/indices"] = new_indices[m]
+    reset[m + "/values"] = replaced[m]
+  for n, x in flat_t.items():  # Untouched trainable leaves: no reset.
+    reset.setdefault(n, jnp.zeros(x.shape, bool))
+
+  def zero(s, r):
+    if not hasattr(s, "shape") or s.shape != r.shape:
+      return s
+    return jnp.where(r, jnp.zeros_like(s), s)
+
+  opt = optax.tree_map_params(tx, zero, state.opt_state,
+                              tree.unflatten(reset))
+  return state.replace(params=tree.unflatten(flat_t),
+                       frozen=tree.unflatten(flat_f), opt_state=opt)
+
+
+@register("sparse")
+class Sparse(Method):
+  """Sparse deltas on the kernels of `peft.targets` (static mask)."""
+
+  seam = SparseSeam()
+  regrow = False  # SpIEL drop/grow events
+
+  def __init__(self, cfg: PeftConfig):
+    super().__init__(cfg)
+    if cfg.sparse_mask not in MASKS:
+      raise errors.ConfigError(
+          f"config.peft.sparse_mask: unknown mask '{cfg.sparse_mask}' "
+          f"(known: {list(MASKS)})")
+    if not 0 < cfg.sparse_density <= 1:
+      raise errors.ConfigError("config.peft.sparse_density: must be in (0, 1]")
+    if cfg.spiel_schedule not in ("linear", "cosine"):
+      raise errors.ConfigError(
+          "config.peft.spiel_schedule: must be 'linear' or 'cosine'")
+    self._jitted: dict = {}
+
+  @property
+  def mask(self) -> str:
+    return self.cfg.sparse_mask
+
+  def modules(self, params) -> list[str]:
+    return masks.target_modules(list(tree.flatten(params, tree.is_axes)),
+                                self.cfg.targets)
+
+  def budget(self, shape) -> int:
+    c = self.cfg
+    rank = c.rank if c.sparse_match_rank < 0 else c.sparse_match_rank
+    k = masks.budget(shape[-2], shape[-1], k=c.sparse_k, match_rank=rank,
+                     density=c.sparse_density)
+    if self.regrow and 2 * k > shape[-2] * shape[-1]:
+      raise errors.ConfigError(
+          f"config.peft: SpIEL needs k <= half of each matrix; k={k} for a "
+          f"{shape[-2]}x{shape[-1]} matrix (lower the sparse budget)")
+    return k
+
+  def initial_indices(self, key, w, k):
+    if self.mask == "magnitude":
+      return masks.magnitude_indices(w, k)
+    if self.mask == "lift":
+      return masks.lift_indices(w, k, self.cfg.lift_rank)
+    return masks.random_indices(key, w.shape, k)  # fisher / lt_sft: later
+
+  def init(self, rng, params):
+    flat = tree.flatten(params)
+    values, indices = {}, {}
+    for i, m in enumerate(self.modules(params)):
+      w = flat[m + "/kernel"]
+      k = self.budget(w.shape)
+      indices[m + "/indices"] = self.initial_indices(
+          jax.random.fold_in(rng, i), w, k)
+      values[m + "/values"] = jnp.zeros((*w.shape[:-2], k), jnp.float32)
+    return tree.unflatten(values), dict(params,
+                                        **{EXTRA: tree.unflatten(indices)})
+
+  def _base(self, frozen) -> dict:
+    return {k: v for k, v in frozen.items() if k != EXTRA}
+
+  def assemble(self, trainable, frozen, rng=None):
+    del rng
+    return self._base(frozen), tree.merge(trainable, frozen[EXTRA])
+
+  def reference(self, trainable, frozen):
+    del trainable
+    return self._base(frozen), None
+
+  def merged(self, trainable, frozen):
+    flat, idx = tree.flatten(self._base(frozen)), tree.flatten(frozen[EXTRA])
+    for n, v in tree.flatten(trainable).items():
+      m = n[: -len("/values")]
+      w = flat[m + "/kernel"]
+      flat[m + "/kernel"] = add_delta(w, idx[m + "/indices"], v).astype(
+          w.dtype)
+    return tree.unflatten(flat)
+
+  def axes(self, model_axes):
+    flat = tree.flatten(model_axes, tree.is_axes)
+    vals, idx = {}, {}
+    for m in self.modules(model_axes):
+      *lead, ax_in, _ = flat[m + "/kernel"]
+      vals[m + "/values"] = idx[m + "/indices"] = (*lead, ax_in)
+    return tree.unflatten(vals), dict(model_axes,
+                                      **{EXTRA: tree.unflatten(idx)})
+
+  def export_delta(self, trainable, frozen, out_dir):
+    merging.save_delta(delta_of(trainable, frozen), out_dir)
+    return True
+
+  # --- host events -------------------------------------------------------
+
+  def dense_grad(self, ctx: EventContext, state, batch, module: str):
+    """∂L/∂W of one module's (layer-stacked) matrix; = ∂L/∂W_eff."""
+    if ("grad", module) not in self._jitted:
+      name = module + "/kernel"
+
+      def grad(params, frozen, batch):
+        f = lambda w: ctx.objective(params, _with_leaf(frozen, name, w),
+                                    batch, None)
+        return jax.grad(f)(tree.flatten(frozen)[name])
+      self._jitted[("grad", module)] = jax.jit(grad)
+    return self._jitted[("grad", module)](state.params, state.frozen, batch)
+
+  def grad_scores(self, ctx, state, module, batches, square: bool):
+    """|Σ_b g_b| (SpIEL) or Σ_b g_b² (Fisher) for one module."""
+    acc = None
+    for b in batches:
+      g = self.dense_grad(ctx, state, b, module)
+      g = g * g if square else g
+      acc = g if acc is None else acc + g
+    return acc if square else jnp.abs(acc)
+
+  def _replace(self, ctx, state, idx, vals, replaced):
+    if "replace" not in self._jitted:
+      self._jitted["replace"] = jax.jit(
+          lambda s, i, v, r: replace_entries(s, ctx.tx, i, v, r),
+          out_shardings=ctx.state_shardings)
+    return self._jitted["replace"](state, idx, vals, replaced)
+
+  def _reselect(self, ctx, state, select):
+    """Sets every module's indices to `select(module, w, k)`; values and
+    moments restart at zero."""
+    flat_f = tree.flatten(state.frozen)
+    idx, vals, rep = {}, {}, {}
+    for m in self.modules(self._base(state.frozen)):
+      old = flat_f[f"{EXTRA}/{m}/indices"]
+      idx[m] = select(m, flat_f[m + "/kernel"], old.shape[-1])
+      vals[m] = jnp.zeros(old.shape, jnp.float32)
+      rep[m] = jnp.ones(old.shape, bool)
+    return self._replace(ctx, state, idx, vals, rep)
+
+  def on_start(self, state, ctx):
+    if self.mask == "fisher":
+      batches = [ctx.next_batch() for _ in range(self.cfg.sparse_batches)]
+      return self._reselect(ctx, state, lambda m, w, k: masks.topk_indices(
+          self.grad_scores(ctx, state, m, batches, square=True), k))
+    if self.mask == "lt_sft":
+      theta1 = self.full_finetune(ctx, state, self.cfg.lt_sft_steps)
+      return self._reselect(ctx, state, lambda m, w, k: masks.delta_indices(
+          w, theta1[m], k))
+    return state
+
+  def full_finetune(self, ctx: EventContext, state, steps: int) -> dict:
+    """LT-SFT phase 1: `steps` optimizer steps (config.optim) on the dense
+    target kernels, deltas off. Returns {module: θ1 kernel}; `state` is
+    not changed (the reset to θ0 is free)."""
+    modules = self.modules(self._base(state.frozen))
+    flat = tree.flatten(state.frozen)
+    kernels = {m: flat[m + "/kernel"] for m in modules}
+    if "phase1" not in self._jitted:
+      tx = ctx.make_tx(kernels)
+
+      def step(kern, opt, params, frozen, batch):
+        def f(kern):
+          fz = tree.flatten(frozen)
+          fz.update({m + "/kernel": w for m, w in kern.items()})
+          return ctx.objective(params, tree.unflatten(fz), batch, None)
+        u, opt = tx.update(jax.grad(f)(kern), opt, kern)
+        return optax.apply_updates(kern, u), opt
+      self._jitted["phase1"] = (tx, jax.jit(step))
+    tx, step = self._jitted["phase1"]
+    zero = jax.tree.map(jnp.zeros_like, state.params)
+    opt = tx.init(kernels)
+    for _ in range(steps):
+      kernels, opt = step(kernels, opt, zero, state.frozen, ctx.next_batch())
+    return kernels
+
+  def on_step(self, state, step, ctx):
+    r = self.cfg.spiel_every
+    if not self.regrow or r <= 0 or step % r or step >= ctx.total_steps:
+      return state
+    p = drop_fraction(step, ctx.total_steps, rate=self.cfg.spiel_rate,
+                      schedule=self.cfg.spiel_schedule,
+                      first=self.cfg.spiel_first_full and step == r)
+    batches = [ctx.next_batch() for _ in range(self.cfg.sparse_batches)]
+    flat_t, flat_f = tree.flatten(state.params), tree.flatten(state.frozen)
+    idx, vals, rep = {}, {}, {}
+    for m in self.modules(self._base(state.frozen)):
+      v = flat_t[m + "/values"]
+      score = self.grad_scores(ctx, state, m, batches, square=False)
+      n = jnp.int32(math.floor(v.shape[-1] * p))
+      idx[m], vals[m], rep[m] = spiel_update(
+          flat_f[f"{EXTRA}/{m}/indices"], v, score, n)
+      del score  # one dense matrix alive at a time
+    return self._replace(ctx, state, idx, vals, rep)
+
+
+@register("spiel")
+class Spiel(Sparse):
+  """SpIEL: sparse deltas with periodic drop (|value|) / grow (|grad|)."""
+  regrow = True
+
+
+@register("lt_sft")
+class LtSft(Sparse):
+  """LT-SFT: full FT, top-k |θ1 − θ0| per matrix, reset, sparse FT."""
+
+  @property
+  def mask(self) -> str:
+    return "lt_sft"
+
+
+def delta_of(trainable, frozen) -> dict:
+  """{module: {'indices', 'values'}} host arrays of a sparse state."""
+  idx = tree.flatten(frozen[EXTRA])
+  return {n[: -len("/values")]: {"indices": jax.device_get(
+      idx[n[: -len("/values")] + "/indices"]), "values": jax.device_get(v)}
+          for n, v in tree.flatten(trainable).items()}
