@@ -124,13 +124,15 @@ def test_budget_matches_lora_rank(base):
 
 
 def _np_spiel(idx, vals, score, n):
-  """Independent numpy drop/grow for one matrix: sets, not slots."""
+  """Independent numpy drop/grow for one matrix, on sets: (new active set,
+  fresh entries). Growth ranks everything outside the kept set."""
   idx, vals = np.asarray(idx), np.asarray(vals)
   dropped = set(idx[np.argsort(np.abs(vals), kind="stable")[:n]].tolist())
+  kept = set(idx.tolist()) - dropped
   s = np.asarray(score, np.float64).ravel().copy()
-  s[idx] = -np.inf
+  s[list(kept)] = -np.inf
   grown = set(np.argsort(-s, kind="stable")[:n].tolist())
-  return (set(idx.tolist()) - dropped) | grown, grown
+  return kept | grown, grown - dropped
 
 
 def test_spiel_update_drops_smallest_and_grows_top_scores():
@@ -139,20 +141,24 @@ def test_spiel_update_drops_smallest_and_grows_top_scores():
   idx = np.stack([np.sort(rng.permutation(d_in * d_out)[:k])
                   for _ in range(lead)]).astype(np.int32)
   vals = rng.normal(size=(lead, k)).astype(np.float32)
-  score = np.abs(rng.normal(size=(lead, d_in, d_out))).astype(np.float32)
+  score = np.abs(rng.normal(size=(lead, d_in * d_out))).astype(np.float32)
+  for layer in range(lead):  # two dropped entries are grown back
+    smallest = idx[layer][np.argsort(np.abs(vals[layer]))[:2]]
+    score[layer, smallest] = 10.0 + layer
+  score = score.reshape(lead, d_in, d_out)
   new_idx, new_vals, rep = jax.device_get(sparse.spiel_update(
       jnp.asarray(idx), jnp.asarray(vals), jnp.asarray(score), jnp.int32(n)))
   for layer in range(lead):
     row = new_idx[layer]
     assert len(set(row.tolist())) == k
     assert row.min() >= 0 and row.max() < d_in * d_out
-    want, grown = _np_spiel(idx[layer], vals[layer], score[layer], n)
-    assert set(row.tolist()) == want
-    assert rep[layer].sum() == n
-    assert set(row[rep[layer]].tolist()) == grown
+    want, fresh = _np_spiel(idx[layer], vals[layer], score[layer], n)
+    assert set(row.tolist()) == want and len(fresh) == n - 2
+    assert set(row[rep[layer]].tolist()) == fresh
     np.testing.assert_array_equal(new_vals[layer][rep[layer]], 0)
     np.testing.assert_array_equal(new_vals[layer][~rep[layer]],
                                   vals[layer][~rep[layer]])
+    np.testing.assert_array_equal(row[~rep[layer]], idx[layer][~rep[layer]])
 
 
 def test_spiel_update_n_zero_is_identity():

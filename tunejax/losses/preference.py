@@ -216,13 +216,24 @@ def tdpo_objective(p: Pairs, kl_w, kl_l, *, beta: float, alpha: float,
   return -jax.nn.log_sigmoid(beta * z)
 
 
-def contrastive_token_rewards(logp_better, logp_worse):
+REWARD_FORMS = ("sigmoid", "diff")
+
+
+def contrastive_token_rewards(logp_better, logp_worse, *,
+                              form: str = "sigmoid"):
   """T-REG token rewards r̂_t = σ(ℓ_t(x_better) − ℓ_t(x_worse)) − 0.5.
 
   ℓ are the evaluator's (the reference model's) log-probs of the same
   response tokens under the two contrastive prompts (Zhou et al., ACL 2025,
   arXiv 2412.02685; reference/verified-formulas.md §8, SECONDARY).
+  `form='diff'` gives the raw contrast ℓ_t(x_better) − ℓ_t(x_worse)
+  (unbounded; the paper's squashed form is the default).
   """
+  if form == "diff":
+    return logp_better - logp_worse
+  if form != "sigmoid":
+    raise errors.ConfigError(f"T-REG reward form {form!r}: expected one of "
+                             f"{REWARD_FORMS}")
   return jax.nn.sigmoid(logp_better - logp_worse) - 0.5
 
 

@@ -17,8 +17,9 @@ Methods (registry names):
   spiel   SpIEL-AG (Ansell et al. 2024, arXiv 2401.16405; AlanAnsell/peft
           `tuners/sft`): every `spiel_every` steps, per matrix, drop the
           n = ⌊k·p⌋ active entries with the smallest |value| and grow the n
-          inactive entries with the largest |Σ_b ∂L_b/∂W| over
-          `sparse_batches` batches; grown values start at 0 with zeroed
+          entries outside the kept set with the largest |Σ_b ∂L_b/∂W| over
+          `sparse_batches` batches (a dropped entry grown again is kept as
+          it was); new values start at 0 with zeroed
           optimizer moments (the paper's code seeds them from the gradient
           statistics with a per-entry Adam age instead). p = 1 at the first
           reselection (`spiel_first_full`), then p = rate·(1 − t/T) (linear)
@@ -91,14 +92,23 @@ def drop_fraction(step: int, total: int, *, rate: float, schedule: str,
 
 
 def _spiel_one(idx_K, val_K, score_N, n):
-  """One matrix: slots of the n smallest |value| get the n best inactive."""
-  k = idx_K.shape[0]
+  """One matrix. The n smallest-|value| slots are dropped; the n best
+  entries outside the kept set are grown. A dropped entry that is grown
+  again keeps its slot, value and moments (as in the paper's code); new
+  entries fill the other dropped slots in score order, value 0."""
+  k, size = idx_K.shape[0], score_N.shape[0]
   rank = jnp.argsort(jnp.argsort(jnp.abs(val_K), stable=True), stable=True)
   drop = rank < n
-  inactive = score_N.at[idx_K].set(-jnp.inf)
-  _, cand = jax.lax.top_k(inactive, k)  # best inactive first
-  new_idx = jnp.where(drop, cand[rank].astype(idx_K.dtype), idx_K)
-  return new_idx, jnp.where(drop, 0, val_K), drop
+  _, cand = jax.lax.top_k(jnp.where(
+      jnp.zeros(size, bool).at[idx_K].set(~drop), -jnp.inf, score_N), k)
+  grown = jnp.arange(k) < n  # cand is best first
+  revived = drop & jnp.zeros(size, bool).at[cand].set(grown)[idx_K]
+  fresh = grown & ~jnp.zeros(size, bool).at[idx_K].set(drop)[cand]
+  target = drop & ~revived
+  order = jnp.argsort(~fresh, stable=True)  # fresh candidates first
+  slot_ord = jnp.cumsum(target) - 1
+  new_idx = jnp.where(target, cand[order[jnp.maximum(slot_ord, 0)]], idx_K)
+  return new_idx.astype(idx_K.dtype), jnp.where(target, 0, val_K), target
 
 
 @jax.jit
@@ -109,12 +119,12 @@ def spiel_update(indices, values, score, n):
     indices: int32 [..., k] active flat indices (unique per matrix).
     values: [..., k] their deltas.
     score: [..., in, out] grow score (|accumulated gradient|).
-    n: entries to replace per matrix (traced; 0 <= n <= k).
+    n: entries to drop and grow per matrix (traced; 0 <= n <= k).
 
   Returns:
-    (indices, values, replaced): the slots of the n smallest |value| now
-    hold the n inactive entries with the largest score (best into the
-    smallest-|value| slot), values 0 there; `replaced` marks those slots.
+    (indices, values, replaced): the active set is the kept entries plus
+    the n entries with the largest score outside the kept set; `replaced`
+    marks the slots that now hold a new entry (value 0, moments reset).
   """
   lead = indices.shape[:-1]
   flat = score.reshape(-1, score.shape[-2] * score.shape[-1])

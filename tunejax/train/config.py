@@ -36,6 +36,14 @@ class LossSection:
   # Reference log-probs of `needs_ref` losses: 'online' (the frozen base in
   # the same step) or 'precomputed' (one pass before training, task=dpo).
   reference: str = "online"
+  # T-REG (loss.name='treg', task=dpo): token rewards of the initial model
+  # scored under these instructions inserted before each prompt
+  # (tunejax.train.treg); treg_reward: 'sigmoid' (σ(Δ) − 0.5) | 'diff' (Δ).
+  treg_better_prompt: str = (
+      "Give a helpful, correct, coherent and concise answer.\n")
+  treg_worse_prompt: str = (
+      "Give an unhelpful, incorrect, incoherent and verbose answer.\n")
+  treg_reward: str = "sigmoid"
 
   def validate(self):
     if self.reference not in REFERENCES:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -46,6 +46,10 @@ def check(cfg: Config):
     raise errors.ConfigError(
         f"config.loss.name: task=dpo needs a preference loss {LOSSES}, got "
         f"{cfg.loss.name!r}")
+  if cfg.loss.treg_reward not in pref.REWARD_FORMS:
+    raise errors.ConfigError(
+        f"config.loss.treg_reward: expected one of {pref.REWARD_FORMS}, got "
+        f"{cfg.loss.treg_reward!r}")
   if cfg.loss.reference == "precomputed" and cfg.loss.name == "tdpo":
     raise errors.ConfigError(
         "config.loss.reference: 'tdpo' needs full reference distributions "
@@ -76,10 +80,18 @@ def _pairs_of(batch):
 
 
 class RefTable:
-  """Per-pair reference log-probs of the response targets, by content."""
+  """Per-pair per-token arrays of the initial model, by pair content.
 
-  def __init__(self, entries=None):
+  Values cover each side's segment positions (0 where not a response
+  target), so any packing of the pair gets them back exactly. `field` names the batch keys `annotate` adds:
+  'ref_logp' (reference log-probs) or 'token_rewards' (T-REG,
+  `tunejax.train.treg`). `meta` records what the values depend on beyond
+  the data (e.g. T-REG's prompts), so a stale stored table is not reused.
+  """
+
+  def __init__(self, entries=None, field: str = "ref_logp", meta: str = ""):
     self.entries: dict[bytes, tuple[np.ndarray, np.ndarray]] = entries or {}
+    self.field, self.meta = field, meta
 
   def add(self, batch, ref_w_BxL, ref_l_BxL):
     for i, sw, sl, key in _pairs_of(batch):
@@ -87,17 +99,18 @@ class RefTable:
                            np.asarray(ref_l_BxL[i][sl], np.float32))
 
   def annotate(self, batch) -> dict:
-    """Adds `chosen_ref_logp` / `rejected_ref_logp` [B, L] to a batch."""
+    """Adds `chosen_<field>` / `rejected_<field>` [B, L] to a batch."""
     out = {side: np.zeros(batch[f"{side}_tokens"].shape, np.float32)
            for side in pref.SIDES}
     for i, sw, sl, key in _pairs_of(batch):
       if key not in self.entries:
         raise errors.DataError(
-            "precomputed reference log-probs: a pair of the batch is not in "
-            f"{TABLE} (the data changed since it was written; delete it)")
+            f"precomputed {self.field}: a pair of the batch is not in the "
+            "stored table (the data changed since it was written; delete "
+            "it from the workdir)")
       out["chosen"][i][sw], out["rejected"][i][sl] = self.entries[key]
-    return {**batch, "chosen_ref_logp": out["chosen"],
-            "rejected_ref_logp": out["rejected"]}
+    return {**batch, f"chosen_{self.field}": out["chosen"],
+            f"rejected_{self.field}": out["rejected"]}
 
   def save(self, path: str):
     keys = sorted(self.entries)
@@ -108,28 +121,34 @@ class RefTable:
     tmp = path + ".tmp.npz"
     np.savez(tmp, keys=np.array([np.frombuffer(k, np.uint8) for k in keys],
                                 np.uint8).reshape(-1, 16),
-             lens=lens, chosen=cat(flat(0)), rejected=cat(flat(1)))
+             lens=lens, chosen=cat(flat(0)), rejected=cat(flat(1)),
+             field=np.array(self.field), meta=np.array(self.meta))
     os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str) -> "RefTable":
     z = np.load(path)
+    field = str(z["field"]) if "field" in z else "ref_logp"
+    meta = str(z["meta"]) if "meta" in z else ""
     offs = [np.concatenate([[0], np.cumsum(n)]) for n in z["lens"]]
     entries = {}
     for j, k in enumerate(z["keys"]):
       entries[k.tobytes()] = tuple(
           z[side][o[j]:o[j + 1]] for side, o in zip(pref.SIDES, offs))
-    return cls(entries)
+    return cls(entries, field, meta)
 
 
 class Annotated(Iterator[dict]):
-  """A data iterator whose batches get the table's reference log-probs."""
+  """A data iterator whose batches get the tables' per-token arrays."""
 
-  def __init__(self, it, table: RefTable):
-    self._it, self._table = it, table
+  def __init__(self, it, tables: Sequence[RefTable]):
+    self._it, self._tables = it, tuple(tables)
 
   def __next__(self):
-    return self._table.annotate(next(self._it))
+    batch = next(self._it)
+    for table in self._tables:
+      batch = table.annotate(batch)
+    return batch
 
   def get_state(self):
     return self._it.get_state()
@@ -160,45 +179,66 @@ def _batches(data_cfg, tokenizer, seed, limit=None):
     yield batch
 
 
-def precompute(cfg: Config, model_cfg, params, tokenizer) -> RefTable:
-  """Reference log-probs of the initial model over one epoch of the
-  training data and the eval batches."""
-  state, run = setup.build(cfg, model_cfg, params)
-  fn, table = _ref_fn(run), RefTable()
+def host_batches(cfg: Config, tokenizer) -> Iterator[dict]:
+  """What a precomputed pass covers: one epoch of the training data, in
+  order, then the eval batches (this host's shard of each)."""
   sources = [(dataclasses.replace(cfg.data, num_epochs=1, shuffle=False),
               cfg.seed, None)]
   if cfg.eval.every >= 0:
     sources.append((eval_data(cfg), cfg.seed + 1, cfg.eval.batches))
   for data_cfg, seed, limit in sources:
-    for batch in _batches(data_cfg, tokenizer, seed, limit):
-      g = data.to_global(batch, run.mesh, run.batch_sharding)
-      ref_w, ref_l = jax.device_get(fn(state.params, state.frozen, g))
-      table.add(batch, ref_w, ref_l)
+    yield from _batches(data_cfg, tokenizer, seed, limit)
+
+
+def precompute(cfg: Config, model_cfg, params, tokenizer) -> RefTable:
+  """Reference log-probs of the initial model over `host_batches`."""
+  state, run = setup.build(cfg, model_cfg, params)
+  fn, table = _ref_fn(run), RefTable()
+  for batch in host_batches(cfg, tokenizer):
+    g = data.to_global(batch, run.mesh, run.batch_sharding)
+    ref_w, ref_l = jax.device_get(fn(state.params, state.frozen, g))
+    table.add(batch, ref_w, ref_l)
   logging.info("precomputed reference log-probs of %d pairs",
                len(table.entries))
+  return table
+
+
+def stored_table(workdir: str, name: str, compute: Callable[[], RefTable],
+                 meta: str = "") -> RefTable:
+  """The table `name` of this workdir if it was made with the same `meta`,
+  else `compute()`, stored there (per host under multi-host)."""
+  if jax.process_count() > 1:  # each host: its shard
+    name = f"{name[:-4]}.{jax.process_index()}.npz"
+  path = os.path.join(workdir, name)
+  if os.path.exists(path):
+    table = RefTable.load(path)
+    if table.meta == meta:
+      return table
+    logging.warning("%s was made with other settings; recomputing", path)
+  table = compute()
+  table.save(path)
   return table
 
 
 def reference_table(cfg: Config, workdir: str, model_cfg, params,
                     tokenizer) -> RefTable:
   """The stored table of this workdir, or a freshly precomputed one."""
-  name = TABLE if jax.process_count() == 1 else (
-      f"{TABLE[:-4]}.{jax.process_index()}.npz")  # each host: its shard
-  path = os.path.join(workdir, name)
-  if os.path.exists(path):
-    return RefTable.load(path)
-  table = precompute(cfg, model_cfg, params, tokenizer)
-  table.save(path)
-  return table
+  return stored_table(workdir, TABLE, lambda: precompute(
+      cfg, model_cfg, params, tokenizer))
 
 
 def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
   """Runs task=dpo; returns what `loop.train` returns."""
   check(cfg)
   losses.get(cfg.loss.name)
-  annotate = None
+  tables = []
   if cfg.loss.reference == "precomputed":
-    table = reference_table(cfg, workdir, model_cfg, params, tokenizer)
-    annotate = lambda it: Annotated(it, table)
+    tables.append(reference_table(cfg, workdir, model_cfg, params,
+                                  tokenizer))
+  if cfg.loss.name == "treg":
+    from tunejax.train import treg  # pylint: disable=g-import-not-at-top
+    tables.append(treg.reward_table(cfg, workdir, model_cfg, params,
+                                    tokenizer))
+  annotate = (lambda it: Annotated(it, tables)) if tables else None
   return loop.train(cfg, workdir, model_cfg, params, tokenizer,
                     annotate=annotate)
