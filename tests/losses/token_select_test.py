@@ -112,6 +112,48 @@ def test_sstoken_matches_numpy(with_attn):
   np.testing.assert_allclose(float(s / d), -logp[kept].mean(), rtol=1e-5)
 
 
+def test_prompt_keys_and_target_attention_alignment():
+  # Row: segment 1 = prompt [0, 1, 2] + response [3, 4] (targets at 2, 3
+  # trained, target 4 = EOS trained), segment 2 = [5, 6] prompt-only, pad.
+  seg = np.array([[1, 1, 1, 1, 1, 2, 2, 0]], np.int32)
+  mask = np.array([[0, 0, 1, 1, 1, 0, 0, 0]], np.float32)
+  batch = {"segment_ids": jnp.asarray(seg), "loss_mask": jnp.asarray(mask)}
+  np.testing.assert_array_equal(losses.prompt_keys(batch),
+                                [[1, 1, 1, 0, 0, 1, 1, 0]])
+  mass = jnp.asarray([[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]])
+  # Target t scores token t+1 by its own query; a segment's last target
+  # (t = 4, 6) falls back to its own position.
+  np.testing.assert_allclose(
+      token_select.target_attention(mass, batch),
+      [0.1, 0.2, 0.3, 0.4, 0.4, 0.6, 0.6, 0.7])
+
+
+def test_sstoken_uses_policy_attention_mass():
+  h, w, h_ref, batch = _case(4)
+  mass = np.random.default_rng(5).random((B, L)).astype(np.float32)
+  aligned = np.asarray(token_select.target_attention(jnp.asarray(mass),
+                                                     batch)).reshape(B, L)
+  ref = losses.Head(jnp.asarray(h_ref), jnp.asarray(w))
+  fn = losses.get("sstoken")
+  got = fn(losses.Head(h, w, attn_mass=jnp.asarray(mass)), batch, ref=ref,
+           ratio=0.5)
+  want = fn(losses.Head(h, w), {**batch, "attn_importance": aligned},
+            ref=ref, ratio=0.5)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  assert float(got[1]) == float(want[1])
+  # attention=False ignores the mass; warm-up (γ = 0) uses it alone.
+  off = fn(losses.Head(h, w, attn_mass=jnp.asarray(mass)), batch, ref=ref,
+           ratio=0.5, attention=False)
+  plain = fn(losses.Head(h, w), batch, ref=ref, ratio=0.5)
+  np.testing.assert_allclose(off[0], plain[0], rtol=1e-6)
+  warm = fn(losses.Head(h, w, attn_mass=jnp.asarray(mass)),
+            {**batch, "step": jnp.asarray(0)}, ref=ref, ratio=0.5,
+            gamma=0.5, warmup_steps=10)
+  attn_only = fn(losses.Head(h, w), {**batch, "attn_importance": aligned},
+                 ref=ref, ratio=0.5, gamma=0.0)
+  np.testing.assert_allclose(warm[0], attn_only[0], rtol=1e-6)
+
+
 def test_selection_rejects_bad_ratio():
   h, w, h_ref, batch = _case()
   with pytest.raises(Exception, match="ratio"):

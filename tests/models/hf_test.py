@@ -135,3 +135,23 @@ def test_greedy_generate_matches_hf(family, hf_models, loaded):
     assert n == t or tokens[i, n - 1] == 2
     np.testing.assert_allclose(np.asarray(out.logps_BxT)[i, :n],
                                ref_lp[i, :n].numpy(), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_attention_probe_mass_matches_hf_attentions(family, hf_models,
+                                                    loaded):
+  """Last-layer head-averaged attention mass on probed keys (ssToken's
+  importance) equals HF's `output_attentions` (eager) contracted in numpy."""
+  model, _ = hf_models[family]
+  cfg, params = loaded[family]
+  tokens = _tokens(2, 20, seed=4)
+  probe = (np.random.RandomState(5).rand(2, 20) < 0.4).astype(np.float32)
+  with torch.no_grad():
+    att = model(torch.as_tensor(tokens), output_attentions=True).attentions
+  want = np.einsum("bhls,bs->bl", att[-1].numpy().astype(np.float64),
+                   probe) / att[-1].shape[1]
+  _, aux = models.hidden(cfg, params, jnp.asarray(tokens), return_aux=True,
+                         attn_probe_BxL=jnp.asarray(probe))
+  got = np.asarray(aux["attn/probe_mass"])
+  assert got.shape == (cfg.n_layers, 2, 20)
+  np.testing.assert_allclose(got[-1], want, atol=1e-5, rtol=0)

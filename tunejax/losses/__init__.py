@@ -7,11 +7,13 @@ optionally a reference `Head`. The train step divides once:
 `loss = sum(loss_sum) / sum(denom)` over micro-batches and hosts, which keeps
 gradient accumulation exactly token-weighted.
 """
-from tunejax.losses.base import Head, LossFn, get, names, register
+from tunejax.losses.base import (Head, LossFn, get, names, prompt_keys,
+                                 register)
 from tunejax.losses import sft  # noqa: F401  (registers the SFT losses)
 from tunejax.losses import rollout  # noqa: F401  (otr)
 from tunejax.losses import token_select  # noqa: F401  (rho1, sstoken)
 from tunejax.losses import preference  # noqa: F401  (dpo, simpo, orpo, tdpo, treg)
 from tunejax.losses.preference import model_inputs
 
-__all__ = ["Head", "LossFn", "get", "model_inputs", "names", "register"]
+__all__ = ["Head", "LossFn", "get", "model_inputs", "names", "prompt_keys",
+           "register"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 
 from tunejax import errors
 
@@ -16,6 +17,10 @@ class Head(NamedTuple):
   # (penalty, {metric: value}) from the PEFT method's side outputs (e.g.
   # MoE-LoRA's router balance); the trainer adds penalty to the mean loss.
   model_aux: Any = None
+  # [B, L] last-layer head-averaged attention mass of each input position
+  # on its prompt tokens (`prompt_keys`), detached; for losses registered
+  # with `needs_attn_mass` (ssToken), else None.
+  attn_mass: Any = None
 
 
 # loss(policy: Head, batch, *, ref: Head | None, **options)
@@ -25,16 +30,20 @@ LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, Any]]]
 _REGISTRY: dict[str, LossFn] = {}
 
 
-def register(name: str, *, needs_ref: bool = False):
+def register(name: str, *, needs_ref: bool = False,
+             needs_attn_mass: bool = False):
   """Decorator adding a loss under `name`; duplicate names raise.
 
   `needs_ref=True` makes the train step also compute the reference model's
   `Head` (the frozen base: PEFT adapters off) and pass it as `ref`.
+  `needs_attn_mass=True` makes the policy Head carry `attn_mass` unless the
+  loss options say `attention=False`.
   """
   def deco(fn: LossFn) -> LossFn:
     if name in _REGISTRY:
       raise ValueError(f"loss '{name}' registered twice")
     fn.needs_ref = needs_ref
+    fn.needs_attn_mass = needs_attn_mass
     _REGISTRY[name] = fn
     return fn
   return deco
@@ -49,3 +58,16 @@ def get(name: str) -> LossFn:
 
 def names() -> list[str]:
   return sorted(_REGISTRY)
+
+
+def prompt_keys(batch) -> jax.Array:
+  """[B, L] float: 1 where the input token is prompt, not response.
+
+  An input token is response when it is the target of a trained position
+  just before it in the same segment (`loss_mask[t-1] > 0`); padding
+  (segment 0) is neither.
+  """
+  seg, mask = batch["segment_ids"], batch["loss_mask"]
+  prev_trained = jnp.pad(mask[:, :-1] > 0, ((0, 0), (1, 0)))
+  same_prev = jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (1, 0)))
+  return ((seg > 0) & ~(prev_trained & same_prev)).astype(jnp.float32)

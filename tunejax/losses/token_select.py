@@ -132,11 +132,26 @@ def _group_minmax(x_N, valid_N, group_N):
   return jnp.where(valid_N, (x_N - lo) / (hi - lo + 1e-8), 0.0)
 
 
-@register("sstoken", needs_ref=True)
+def target_attention(mass_BxL, batch):
+  """Attention importance per target, [B*L].
+
+  ssToken scores response token x_i by the attention mass its own query
+  puts on the prompt (verified-formulas §3). Target t is token t+1, whose
+  query is position t+1 when that is in the same segment; a segment's last
+  target (not an input token) uses position t's query.
+  """
+  seg = batch["segment_ids"]
+  same_next = jnp.pad(seg[:, 1:] == seg[:, :-1], ((0, 0), (0, 1)))
+  nxt = jnp.pad(mass_BxL[:, 1:], ((0, 0), (0, 1)))
+  return jnp.where(same_next, nxt, mass_BxL).astype(jnp.float32).reshape(-1)
+
+
+@register("sstoken", needs_ref=True, needs_attn_mass=True)
 def sstoken(policy: Head, batch, *, ref: Head | None = None,
             ratio: float = 0.6, gamma: float = 0.5, history: str = "ref",
             impl: str = "auto", history_decay: float = 0.99,
-            history_every: int = 100):
+            history_every: int = 100, attention: bool = True,
+            warmup_steps: int = 0):
   """ssToken: self-modulated + semantic-aware token selection.
 
   Qin et al., "ssToken: Self-modulated and Semantic-aware Token Selection
@@ -154,12 +169,14 @@ def sstoken(policy: Head, batch, *, ref: Head | None = None,
   params kept in the state: an EMA (`history='ema'`, `history_decay`) or a
   snapshot refreshed every `history_every` steps (`history='snapshot'`).
 
-  Attn_t (last-layer head-averaged attention mass from the response token
-  to its prompt) needs model internals the loss does not see: it is read
-  from an optional `batch['attn_importance']` [B, L]. Without that key the
-  score is γ·minmax(REL), i.e. selection by the loss-difference part alone
-  (the paper's "self-modulated only" ablation). The code's warm start
-  (γ = 0 for the first 10k samples) is left to the caller's config.
+  Attn_t is the last layer's head-averaged attention mass from the
+  response token to its prompt, computed by the policy forward in the same
+  step (`policy.attn_mass`, detached; see `target_attention` for the
+  alignment) when `attention` is on; precomputed values may come in
+  `batch['attn_importance']` [B, L] instead. With neither, the score is
+  γ·minmax(REL) (the paper's "self-modulated only" ablation). The code's
+  warm start (γ = 0, attention only, for the first 10k samples) is
+  `warmup_steps` optimizer steps here.
   """
   del history_decay, history_every  # Read by the train setup.
   _check_ratio(ratio)
@@ -168,9 +185,15 @@ def sstoken(policy: Head, batch, *, ref: Head | None = None,
   valid = batch["loss_mask"].reshape(-1) > 0
   groups = sample_groups(batch)
   rel = jax.lax.stop_gradient(logp - his_logp)  # L_his - L_θ
+  attn = None
+  if attention and policy.attn_mass is not None:
+    attn = target_attention(policy.attn_mass, batch)
+  elif "attn_importance" in batch:
+    attn = batch["attn_importance"].astype(jnp.float32).reshape(-1)
+  if attn is not None and warmup_steps and "step" in batch:
+    gamma = jnp.where(batch["step"] < warmup_steps, 0.0, gamma)
   score = gamma * _group_minmax(rel, valid, groups)
-  if "attn_importance" in batch:
-    score = score + (1.0 - gamma) * batch["attn_importance"].astype(
-        jnp.float32).reshape(-1)
+  if attn is not None:
+    score = score + (1.0 - gamma) * attn
   keep = select_top(score, valid, groups, ratio)
   return _selected_xent(logp, batch, keep)

@@ -87,7 +87,8 @@ def attention_mask(q_idx_L: jax.Array, k_idx_S: jax.Array,
   return mask
 
 
-def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks) -> jax.Array:
+def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
+              probe_BxS: jax.Array | None = None):
   """Grouped-query attention over key/value blocks -> [B, L, H, K].
 
   `blocks` is a sequence of (k [B, G, S, K], v [B, G, S, K], mask
@@ -96,6 +97,10 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks) -> jax.Array:
   read, never copied, inside the layer. The head-major key layout makes
   the score/value contractions plain batched matmuls (3x faster decode
   attention on CPU than [B, S, G, K]).
+
+  With `probe_BxS` (weights over the last block's keys), returns
+  (out, mass_BxL): each query's head-averaged attention probability mass
+  on the probed keys (ssToken's attention importance).
   """
   b, l, h, k = q_BxLxHxK.shape
   g = blocks[0][0].shape[1]
@@ -114,7 +119,12 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks) -> jax.Array:
     pb = p[..., start:start + kb.shape[2]].astype(q.dtype)
     o = o + jnp.einsum("bgrls,bgsk->blgrk", pb, vb.astype(q.dtype))
     start += kb.shape[2]
-  return o.reshape(b, l, h, k)
+  o = o.reshape(b, l, h, k)
+  if probe_BxS is None:
+    return o
+  p_own = p[..., p.shape[-1] - probe_BxS.shape[1]:]
+  mass = jnp.einsum("bgrls,bs->bl", p_own, probe_BxS.astype(jnp.float32))
+  return o, mass / h
 
 
 def mlp_activation(name: str, x: jax.Array) -> jax.Array:

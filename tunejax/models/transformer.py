@@ -108,6 +108,9 @@ class _Context(NamedTuple):
   rope_global: tuple[jax.Array, jax.Array]
   rope_local: tuple[jax.Array, jax.Array] | None
   prefix_masks: tuple | None = None  # [B, L, P] pairs for `Seam.prefix`
+  # [B, L] key weights: report each layer's attention mass on them as the
+  # side output 'attn/probe_mass' [B, L] (ssToken's attention importance).
+  attn_probe: jax.Array | None = None
 
 
 def _pick(pair, is_local):
@@ -175,7 +178,10 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
         a.reshape(p_len, g, kd).transpose(1, 0, 2)[None], (b, g, p_len, kd))
               for a in prefix_kv)
     blocks.insert(0, (pk, pv, _pick(ctx.prefix_masks, is_local)))
-  if cfg.s2_group and len(blocks) == 1:  # LongLoRA, training-time only
+  if ctx.attn_probe is not None:
+    o, aux["attn/probe_mass"] = layers.attention(cfg, q, blocks,
+                                                 ctx.attn_probe)
+  elif cfg.s2_group and len(blocks) == 1:  # LongLoRA, training-time only
     o = layers.s2_attention(cfg, q, *blocks[0], cfg.s2_group)
   else:
     o = layers.attention(cfg, q, blocks)
@@ -253,7 +259,8 @@ def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
 
 def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
            segment_ids_BxL, *, adapters=None, seam: Seam = DEFAULT_SEAM,
-           cache=None, attend_cache: bool = True, return_aux: bool = False):
+           cache=None, attend_cache: bool = True, return_aux: bool = False,
+           attn_probe_BxL: jax.Array | None = None):
   """Final-normed hidden states, optionally through a KV cache.
 
   `cache` is None (attend within `tokens`) or a dict with 'k', 'v'
@@ -269,6 +276,9 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   `seam.position_offset`; soft-prompt embeddings are prepended without a
   cache or at prefill (and written to the cache with segment id -1); a
   prefix is one more attention block per layer. `h` covers real tokens only.
+
+  `attn_probe_BxL` (key weights, no cache) adds each layer's attention mass
+  on the weighted keys to aux as 'attn/probe_mass' [n_layers, B, L].
   """
   dtype = jnp.dtype(cfg.dtype)
   adapters = adapters or {}
@@ -305,8 +315,10 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
                           _virtual_positions(offset, p, tokens_BxL.shape[0]),
                           segment_ids_BxL,
                           jnp.full((tokens_BxL.shape[0], p), -1, jnp.int32))
+  if attn_probe_BxL is not None and n_virtual:
+    attn_probe_BxL = jnp.pad(attn_probe_BxL, ((0, 0), (n_virtual, 0)))
   ctx = _Context(masks, cache_masks, *_rope(cfg, positions_BxL),
-                 prefix_masks)
+                 prefix_masks, attn_probe_BxL)
   x, (new_kv, aux) = _stack(cfg, seam, ctx, x, params, adapters, cache_kv,
                             cache is not None, prefix_kv)
   h = layers.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps,
@@ -358,17 +370,20 @@ def _defaults(tokens_BxL, positions, segment_ids):
 def hidden(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
            positions_BxL: jax.Array | None = None,
            segment_ids_BxL: jax.Array | None = None, *, adapters=None,
-           seam: Seam | None = None, return_aux: bool = False):
+           seam: Seam | None = None, return_aux: bool = False,
+           attn_probe_BxL: jax.Array | None = None):
   """Final-normed hidden states [B, L, D] (compute dtype), pre-unembedding.
 
   `positions` default to 0..L-1; `segment_ids` (0 = padding) default to all
   ones. Tokens attend only to earlier tokens of the same segment. With
   `return_aux`, returns (h, aux): the seams' side outputs, each stacked
-  over layers ({'attn/q/<key>': [n_layers, ...], ...}).
+  over layers ({'attn/q/<key>': [n_layers, ...], ...}), plus
+  'attn/probe_mass' with `attn_probe_BxL` (see `decode`).
   """
   positions, segs = _defaults(tokens_BxL, positions_BxL, segment_ids_BxL)
   out = decode(cfg, params, tokens_BxL, positions, segs, adapters=adapters,
-               seam=seam or DEFAULT_SEAM, return_aux=return_aux)
+               seam=seam or DEFAULT_SEAM, return_aux=return_aux,
+               attn_probe_BxL=attn_probe_BxL)
   return (out[0], out[2]) if return_aux else out[0]
 
 

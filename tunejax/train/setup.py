@@ -64,24 +64,32 @@ def load_tokenizer(ms: ModelSection):
 
 
 def _head(model_cfg, base, adapters, seam, batch,
-          method: peft.Method | None = None) -> losses.Head:
+          method: peft.Method | None = None,
+          attn_mass: bool = False) -> losses.Head:
   """The loss's Head; with a `method` that wants them, the seams' side
-  outputs become its `model_aux` (penalty, metrics), e.g. MoE balance."""
+  outputs become its `model_aux` (penalty, metrics), e.g. MoE balance;
+  with `attn_mass`, the last layer's attention mass on prompt tokens."""
   # Preference batches run chosen and rejected rows interleaved, [2B, L].
   tokens, positions, segment_ids = losses.model_inputs(batch)
   want_aux = method is not None and method.wants_model_aux
+  probe = losses.prompt_keys(batch) if attn_mass else None
   out = models.hidden(model_cfg, base, tokens, positions, segment_ids,
-                      adapters=adapters, seam=seam, return_aux=want_aux)
-  h, model_aux = out if want_aux else (out, None)
-  if want_aux:
-    model_aux = method.aux_loss(model_aux, segment_ids)
+                      adapters=adapters, seam=seam,
+                      return_aux=want_aux or attn_mass, attn_probe_BxL=probe)
+  h, aux = out if (want_aux or attn_mass) else (out, None)
+  mass = None
+  if attn_mass:
+    mass = jax.lax.stop_gradient(
+        aux.pop("attn/probe_mass")[-1][:, -tokens.shape[1]:])
+  model_aux = method.aux_loss(aux, segment_ids) if want_aux else None
   return losses.Head(h, models.unembedding(model_cfg, base),
-                     model_cfg.final_logit_softcap, model_aux=model_aux)
+                     model_cfg.final_logit_softcap, model_aux=model_aux,
+                     attn_mass=mass)
 
 
 def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
                masked_thought: float = 0.0, mask_id: int = 0,
-               total_steps: int = 1):
+               total_steps: int = 1, attn_mass: bool = False):
   """apply(params, frozen, batch, rng) -> (policy Head, reference Head|None).
 
   The reference is the frozen base model (PEFT adapters off), computed in
@@ -98,7 +106,8 @@ def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
       batch = transforms.masked_thought(
           batch, jax.random.fold_in(rng, 7), rate, mask_id)
     base, adapters = method.assemble(params, frozen, rng)
-    policy = _head(model_cfg, base, adapters, method.seam, batch, method)
+    policy = _head(model_cfg, base, adapters, method.seam, batch, method,
+                   attn_mass)
     if not with_ref:
       return policy, None
     if "history" in batch:
@@ -204,7 +213,9 @@ def _make_run(cfg: Config, model_cfg) -> Run:
                  masked_thought=cfg.data.masked_thought,
                  mask_id=(model_cfg.pad_id if cfg.data.mask_token_id is None
                           else cfg.data.mask_token_id),
-                 total_steps=cfg.total_steps),
+                 total_steps=cfg.total_steps,
+                 attn_mass=(losses.get(cfg.loss.name).needs_attn_mass and
+                            cfg.loss.options.get("attention", True))),
              loss_fn=make_loss(cfg.loss.name, cfg.loss.options), jitted={},
              history=hist)
 
