@@ -4,11 +4,14 @@
   python -m tunejax.main --config=configs/tiny_dpo.py:loss=ipo,ref=precomputed \
       --workdir=/tmp/tiny_ipo
 
+  python -m tunejax.main --config=configs/tiny_dpo.py:loss=treg \
+      --workdir=/tmp/tiny_treg    # T-REG: contrastive-prompt token rewards
+
   python -m tunejax.main --config=configs/tiny_dpo.py:task=reward \
       --workdir=/tmp/tiny_rm      # Bradley-Terry reward model instead
 
 Arguments: task (dpo | reward), steps, loss (a `dpo` loss_type: sigmoid | hinge | ipo | robust, or
-another preference loss: simpo | orpo | tdpo), ref (online | precomputed),
+another preference loss: simpo | orpo | tdpo | treg), ref (online | precomputed),
 peft (lora | none; 'none' = full fine-tuning, needs ref=precomputed).
 Metrics: rewards/{chosen,rejected,margin,accuracy}, logps/*, kl in
 metrics.jsonl, and the same with an eval/ prefix on held-out pairs.
@@ -36,7 +39,7 @@ def get_config(arg=None):
   c.data.synthetic_size = 256
   c.data.seq_len = 48
   c.data.batch_size = 8
-  if a.loss in ("simpo", "orpo", "tdpo"):
+  if a.loss in ("simpo", "orpo", "tdpo", "treg"):
     c.loss = dict(name=a.loss, options={"beta": {"simpo": 2.0}.get(
         a.loss, a.beta)}, reference=a.ref)
   else:

@@ -105,6 +105,11 @@ class PeftConfig:
   lofit_head_dim: int = 0  # phase 2: K (phase2_config sets both)
   lofit_init_std: float = 1e-3
   lofit_l1: float = 5e-4
+  # The two phases as one run (train/tasks.py): phase 1 trains this many
+  # steps in WORKDIR/lofit_phase1, then phase 2 (total_steps) on the top
+  # lofit_top_k heads (0 = 3% of all heads, the paper's ratio).
+  lofit_phase1_steps: int = 0
+  lofit_top_k: int = 0
 
   def validate(self):
     if self.method not in _REGISTRY:
@@ -164,6 +169,13 @@ class Method:
   def merged(self, trainable, frozen) -> dict:
     """Plain model params with the method folded in (for export)."""
     return self.assemble(trainable, frozen)[0]
+
+  @property
+  def has_merged_form(self) -> bool:
+    """False when the method has no plain-weights form (virtual tokens,
+    post-RoPE scales, head biases): `merged` raises, and export writes the
+    adapter next to the unchanged base instead."""
+    return True
 
   def axes(self, model_axes) -> tuple[dict, dict]:
     """Logical axis names of (trainable, frozen), given the model's."""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from tunejax import errors, tree
 from tunejax.models.seam import Seam
+from tunejax.peft import peft_format, prompt_format
 from tunejax.peft.base import Method, PeftConfig, register
 
 _K = "layers/attn/k"
@@ -118,6 +119,19 @@ class Ia3(Method):
           b = flat[m + "/bias"]
           flat[m + "/bias"] = (b * l32).astype(b.dtype)
     return tree.unflatten(flat)
+
+  @property
+  def has_merged_form(self):
+    return not self.cfg.ia3_k_after_rope
+
+  def export_adapter(self, trainable, frozen, model_cfg, out_dir):
+    """PEFT's IA3 scales the k projection (before RoPE): no PEFT form for
+    `ia3_k_after_rope`."""
+    if self.cfg.ia3_k_after_rope:
+      return False
+    peft_format.write_adapter(*prompt_format.ia3_tensors(
+        self.targets(frozen), trainable, model_cfg), out_dir)
+    return True
 
   def axes(self, model_axes):
     flat, out = tree.flatten(model_axes, tree.is_axes), {}

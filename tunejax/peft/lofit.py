@@ -134,6 +134,10 @@ class Lofit(Method):
     l1 = jnp.sum(side["attn/heads/lofit_l1"])
     return self.cfg.lofit_l1 * l1, {"lofit_l1": l1}
 
+  @property
+  def has_merged_form(self):
+    return self.cfg.lofit_phase == 1
+
   def merged(self, trainable, frozen):
     if self.cfg.lofit_phase == 2:
       raise errors.CheckpointError(

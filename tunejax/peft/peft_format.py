@@ -15,6 +15,7 @@ original W with A' = [A | A0], B' = [B ; −B0], so W + s·A' B' = W_res + s·A 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -130,23 +131,37 @@ def _config(method, frozen, model_cfg, residual: bool) -> dict:
           "layers_pattern": None}
 
 
-def export_adapter(method, trainable, frozen, model_cfg, out_dir: str):
-  """Writes `out_dir` (adapter_config.json + adapter_model.safetensors)
-  atomically: into a temp dir renamed at the end."""
-  config, tensors = adapter_tensors(method, trainable, frozen, model_cfg)
+def write_dir(out_dir: str, files: dict[str, dict | dict[str, np.ndarray]]):
+  """Writes {file name: JSON dict or {name: array}} (safetensors for names
+  ending in '.safetensors') into `out_dir` atomically: into a temp dir
+  renamed at the end."""
   out_dir = os.path.abspath(out_dir)
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=os.path.dirname(out_dir))
   try:
-    safetensors_io.write(os.path.join(tmp, WEIGHTS), tensors)
-    with open(os.path.join(tmp, CONFIG), "w") as f:
-      json.dump(config, f, indent=2)
+    for name, content in files.items():
+      if name.endswith(".safetensors"):
+        safetensors_io.write(os.path.join(tmp, name), content)
+      else:
+        with open(os.path.join(tmp, name), "w") as f:
+          json.dump(content, f, indent=2)
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def write_adapter(config: dict, tensors: dict, out_dir: str):
+  """A PEFT adapter dir from (adapter_config dict, {PEFT key: array})."""
+  write_dir(out_dir, {WEIGHTS: tensors, CONFIG: config})
+
+
+def export_adapter(method, trainable, frozen, model_cfg, out_dir: str):
+  """Writes a LoRA-family method's PEFT adapter dir (atomically)."""
+  write_adapter(*adapter_tensors(method, trainable, frozen, model_cfg),
+                out_dir)
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -157,10 +172,23 @@ def _pattern_value(pattern: dict, name: str, default):
   return default
 
 
+def modules_by_short(model_cfg, params) -> dict[str, str]:
+  """{HF short module name (e.g. 'k_proj'): tunejax module path}."""
+  out = {}
+  for name in tree.flatten(params):
+    if name.endswith("/kernel") and name != "embed/embedding":
+      m = name[: -len("/kernel")]
+      out.setdefault(_short(hf_module_names(model_cfg, m)[0]), m)
+  return out
+
+
 def import_adapter(path: str, model_cfg, params):
-  """A PEFT LoRA / rsLoRA / DoRA / VeRA adapter dir -> (PeftConfig,
-  trainable, frozen) on the base `params` (the model it was trained on)."""
-  from tunejax.peft.base import PeftConfig  # pylint: disable=g-import-not-at-top
+  """A PEFT LoRA / rsLoRA / DoRA / VeRA / prompt tuning / prefix tuning /
+  (IA)^3 adapter dir -> (PeftConfig, trainable, frozen) on the base
+  `params` (the model it was trained on)."""
+  # pylint: disable=g-import-not-at-top
+  from tunejax.peft import prompt_format
+  from tunejax.peft.base import PeftConfig
   cfg_path = os.path.join(path, CONFIG)
   try:
     with open(cfg_path) as f:
@@ -168,16 +196,15 @@ def import_adapter(path: str, model_cfg, params):
   except (OSError, json.JSONDecodeError) as e:
     raise errors.CheckpointError(f"{cfg_path}: cannot read ({e})") from None
   kind = hf.get("peft_type")
-  if kind not in ("LORA", "VERA"):
+  known = ("LORA", "VERA") + tuple(prompt_format.IMPORTERS)
+  if kind not in known:
     raise errors.CheckpointError(
-        f"{cfg_path}: peft_type '{kind}' is not supported (LORA, VERA)")
+        f"{cfg_path}: peft_type '{kind}' is not supported {known}")
   files = safetensors_io.SafetensorsFile(os.path.join(path, WEIGHTS))
+  if kind in prompt_format.IMPORTERS:
+    return prompt_format.IMPORTERS[kind](hf, files, model_cfg, params)
   flat_params = tree.flatten(params)
-  by_short = {}
-  for name in flat_params:
-    if name.endswith("/kernel") and name != "embed/embedding":
-      m = name[: -len("/kernel")]
-      by_short.setdefault(_short(hf_module_names(model_cfg, m)[0]), m)
+  by_short = modules_by_short(model_cfg, params)
   leaves = ("vera_lambda_d", "vera_lambda_b") if kind == "VERA" else (
       ("lora_a", "lora_b") + (("magnitude",) if hf.get("use_dora") else ()))
   trainable, overrides = {}, []
@@ -223,3 +250,33 @@ def import_adapter(path: str, model_cfg, params):
       overrides=tuple(overrides),
       vera_d_init=float(hf.get("d_initial", 0.1)))
   return pcfg, tree.unflatten(trainable), frozen
+
+
+# tunejax's own adapter form, for methods PEFT cannot represent (DePT,
+# LoFiT's head biases, post-RoPE (IA)^3): the trainable tree under its
+# '/'-joined names plus the PeftConfig that reads it.
+NATIVE_CONFIG = "tunejax_adapter.json"
+NATIVE_WEIGHTS = "adapter.safetensors"
+
+
+def export_native(peft_cfg, trainable, out_dir: str):
+  """Writes `out_dir` (tunejax_adapter.json + adapter.safetensors)."""
+  tensors = {n: np.asarray(x) for n, x in tree.flatten(trainable).items()}
+  write_dir(out_dir, {NATIVE_WEIGHTS: tensors,
+                      NATIVE_CONFIG: {"peft": dataclasses.asdict(peft_cfg)}})
+
+
+def import_native(path: str):
+  """A tunejax adapter dir -> (PeftConfig, trainable)."""
+  # pylint: disable=g-import-not-at-top
+  from tunejax import config as config_lib
+  from tunejax.peft.base import PeftConfig
+  cfg_path = os.path.join(path, NATIVE_CONFIG)
+  try:
+    with open(cfg_path) as f:
+      section = json.load(f)["peft"]
+  except (OSError, json.JSONDecodeError, KeyError) as e:
+    raise errors.CheckpointError(f"{cfg_path}: cannot read ({e})") from None
+  pcfg = config_lib.build(PeftConfig, section, "peft")
+  files = safetensors_io.SafetensorsFile(os.path.join(path, NATIVE_WEIGHTS))
+  return pcfg, tree.unflatten({k: files.get(k) for k in files.keys()})

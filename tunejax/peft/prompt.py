@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from tunejax import errors
 from tunejax.models.seam import Seam, matmul
+from tunejax.peft import peft_format, prompt_format
 from tunejax.peft.base import Method, PeftConfig, register
 
 _INITS = ("vocab", "text", "random")
@@ -147,6 +148,14 @@ class SoftPrompt(Method):
   def merged(self, trainable, frozen):
     _no_merge(self.cfg.method)
 
+  has_merged_form = False
+
+  def export_adapter(self, trainable, frozen, model_cfg, out_dir):
+    del frozen
+    peft_format.write_adapter(*prompt_format.prompt_tensors(
+        trainable["prompt"]["embedding"], model_cfg), out_dir)
+    return True
+
   def axes(self, model_axes):
     return {"prompt": {"embedding": (None, None)}}, model_axes
 
@@ -181,6 +190,11 @@ class Dept(SoftPrompt):
     t_axes, f_axes = super().axes(model_axes)
     t_axes["prompt"].update(dept_a=(None, "rank"), dept_b=("rank", None))
     return t_axes, f_axes
+
+  def export_adapter(self, trainable, frozen, model_cfg, out_dir):
+    """PEFT has no position-wise embedding update: no PEFT form."""
+    del trainable, frozen, model_cfg, out_dir
+    return False
 
 
 def dept_lr_groups(lowrank_ratio: float) -> tuple[tuple[str, float], ...]:
@@ -233,6 +247,17 @@ class Prefix(Method):
 
   def merged(self, trainable, frozen):
     _no_merge(self.cfg.method)
+
+  has_merged_form = False
+
+  def export_adapter(self, trainable, frozen, model_cfg, out_dir):
+    """PEFT form only for text at positions P.. (HF's cache positions)."""
+    if not self.cfg.prefix_shift_positions:
+      return False
+    kv = prefix_kv(trainable["prefix"], frozen)
+    peft_format.write_adapter(*prompt_format.prefix_tensors(
+        kv["k"], kv["v"], model_cfg, self.cfg.prefix_projection), out_dir)
+    return True
 
   def axes(self, model_axes):
     if self.cfg.prefix_projection:

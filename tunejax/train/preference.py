@@ -71,7 +71,7 @@ def _key(batch, i, sel_w, sel_l) -> bytes:
   return h.digest()
 
 
-def _pairs_of(batch):
+def pairs_of(batch):
   """Yields (row, segment selection chosen, selection rejected, key)."""
   for i in range(batch["chosen_tokens"].shape[0]):
     sw, sl = _segments(batch, "chosen", i), _segments(batch, "rejected", i)
@@ -94,7 +94,7 @@ class RefTable:
     self.field, self.meta = field, meta
 
   def add(self, batch, ref_w_BxL, ref_l_BxL):
-    for i, sw, sl, key in _pairs_of(batch):
+    for i, sw, sl, key in pairs_of(batch):
       self.entries[key] = (np.asarray(ref_w_BxL[i][sw], np.float32),
                            np.asarray(ref_l_BxL[i][sl], np.float32))
 
@@ -102,7 +102,7 @@ class RefTable:
     """Adds `chosen_<field>` / `rejected_<field>` [B, L] to a batch."""
     out = {side: np.zeros(batch[f"{side}_tokens"].shape, np.float32)
            for side in pref.SIDES}
-    for i, sw, sl, key in _pairs_of(batch):
+    for i, sw, sl, key in pairs_of(batch):
       if key not in self.entries:
         raise errors.DataError(
             f"precomputed {self.field}: a pair of the batch is not in the "
@@ -160,7 +160,7 @@ class Annotated(Iterator[dict]):
     return self._it.stats()
 
 
-def _ref_fn(run: setup.Run):
+def logps_fn(run: setup.Run):
   """Jitted (params, frozen, batch) -> per-token log-probs of the model."""
   def fn(params, frozen, batch):
     with sharding.use_rules(run.mesh, run.rules):
@@ -193,7 +193,7 @@ def host_batches(cfg: Config, tokenizer) -> Iterator[dict]:
 def precompute(cfg: Config, model_cfg, params, tokenizer) -> RefTable:
   """Reference log-probs of the initial model over `host_batches`."""
   state, run = setup.build(cfg, model_cfg, params)
-  fn, table = _ref_fn(run), RefTable()
+  fn, table = logps_fn(run), RefTable()
   for batch in host_batches(cfg, tokenizer):
     g = data.to_global(batch, run.mesh, run.batch_sharding)
     ref_w, ref_l = jax.device_get(fn(state.params, state.frozen, g))

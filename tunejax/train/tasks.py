@@ -10,7 +10,7 @@ from absl import logging
 
 from tunejax import errors, models
 from tunejax.checkpoint import Checkpointer, abstract
-from tunejax.peft import prompt
+from tunejax.peft import lofit, peft_format, prompt
 from tunejax.train import evaluate, loop, setup
 from tunejax.train.config import Config, eval_data
 
@@ -46,21 +46,99 @@ def _restored_state(cfg, workdir, model_cfg, params):
   return state, run
 
 
+def _hf_base_dir(ms) -> str | None:
+  """The HF checkpoint dir the run's base weights came from unchanged, or
+  None (a preset, a .gguf, random init, architecture overrides)."""
+  if ms.random_init or ms.overrides or not os.path.isfile(
+      os.path.join(ms.name, "config.json")):
+    return None
+  return os.path.abspath(ms.name)
+
+
 def export(cfg, workdir, state, run) -> str:
-  """Writes the merged HF checkpoint to WORKDIR/export/hf and, for methods
-  PEFT can represent, the PEFT-format adapter to WORKDIR/export/adapter;
-  sparse methods also write their deltas to WORKDIR/export/delta."""
-  out = os.path.join(workdir, "export", "hf")
-  params = run.method.merged(state.params, state.frozen)
-  models.save_hf(run.model_cfg, jax.device_get(params), out)
+  """Writes WORKDIR/export and returns its main artifact's path.
+
+  Methods with a weight form: the merged HF checkpoint (export/hf, the
+  returned path), plus the PEFT-format adapter (export/adapter) where PEFT
+  can represent the method and sparse deltas (export/delta). Methods
+  without one (virtual tokens, head biases, post-RoPE scales): their
+  adapter (returned) — PEFT format where PEFT has it, else tunejax's own
+  (export/adapter_tunejax) — and the unchanged base as export/hf unless it
+  is an HF checkpoint dir on disk already. Each dir is written atomically,
+  adapters before the base, and the log lists what was written.
+  """
+  root, method = os.path.join(workdir, "export"), run.method
+  path = lambda name: os.path.join(root, name)
+  written, main = [], None
+  if method.has_merged_form:
+    params = method.merged(state.params, state.frozen)
+    models.save_hf(run.model_cfg, jax.device_get(params), path("hf"))
+    written.append(("merged HF checkpoint", path("hf")))
+    main = path("hf")
   if jax.process_index() == 0:
-    run.method.export_adapter(jax.device_get(state.params),
-                              jax.device_get(state.frozen), run.model_cfg,
-                              os.path.join(workdir, "export", "adapter"))
-    run.method.export_delta(jax.device_get(state.params),
-                            jax.device_get(state.frozen),
-                            os.path.join(workdir, "export", "delta"))
-  return out
+    trainable, frozen = (jax.device_get(state.params),
+                         jax.device_get(state.frozen))
+    if method.export_adapter(trainable, frozen, run.model_cfg,
+                             path("adapter")):
+      written.append(("PEFT-format adapter", path("adapter")))
+      main = main or path("adapter")
+    elif not method.has_merged_form:
+      peft_format.export_native(method.cfg, trainable, path("adapter_tunejax"))
+      written.append((f"tunejax adapter (PEFT has no form for "
+                      f"'{method.cfg.method}')", path("adapter_tunejax")))
+      main = path("adapter_tunejax")
+    if method.export_delta(trainable, frozen, path("delta")):
+      written.append(("sparse deltas", path("delta")))
+  if not method.has_merged_form:
+    base_dir = _hf_base_dir(cfg.model)
+    if base_dir is None:
+      base = method.assemble(state.params, state.frozen)[0]
+      models.save_hf(run.model_cfg, jax.device_get(base), path("hf"))
+      written.append(("unchanged base HF checkpoint", path("hf")))
+    else:
+      logging.info("export: base unchanged, use %s as the adapter's base",
+                   base_dir)
+  if not method.has_merged_form:
+    logging.info("export: peft.method '%s' has no merged HF form (nothing "
+                 "to fold into the weights); exporting its adapter",
+                 method.cfg.method)
+  for what, where in written:
+    logging.info("export: wrote %s to %s", what, where)
+  return main or path("adapter_tunejax")
+
+
+def _lofit_phase1(cfg, workdir, model_cfg, params, tokenizer):
+  """LoFiT as one recipe (`peft.lofit_phase1_steps` > 0): phase 1 (head
+  scales) in WORKDIR/lofit_phase1 — trained (or resumed) for task=sft,
+  restored for the other tasks — then (the phase-2 config on its top-K
+  heads, phase 1's output)."""
+  p = cfg.peft
+  if p.lofit_phase != 1 or cfg.task not in ("sft", "eval", "export",
+                                            "generate"):
+    raise errors.ConfigError(
+        "config.peft.lofit_phase1_steps: the LoFiT recipe starts at "
+        "lofit_phase=1 and runs with task sft / eval / export / generate")
+  cfg1 = dataclasses.replace(
+      cfg, task="sft", total_steps=p.lofit_phase1_steps,
+      checkpoint=dataclasses.replace(cfg.checkpoint, export_at_end=False))
+  wd1 = os.path.join(workdir, "lofit_phase1")
+  if cfg.task == "sft":
+    _prepare_workdir(wd1, cfg1)
+    out = loop.train(cfg1, wd1, model_cfg, params, tokenizer)
+  elif os.path.isdir(os.path.join(wd1, "checkpoints")):
+    out = {"state": _restored_state(cfg1, wd1, model_cfg, params)[0],
+           "preempted": False}
+  else:
+    raise errors.ConfigError(
+        f"config.peft.lofit_phase1_steps: no phase-1 checkpoint in {wd1} "
+        "(run task=sft first)")
+  n_heads = model_cfg.n_heads
+  k = p.lofit_top_k or max(1, round(0.03 * model_cfg.n_layers * n_heads))
+  peft2 = lofit.phase2_config(p, out["state"].params, n_heads, k)
+  logging.info("LoFiT phase 1 selected heads (layer*%d + head): %s",
+               n_heads, peft2.lofit_heads)
+  return dataclasses.replace(cfg, peft=dataclasses.replace(
+      peft2, lofit_phase1_steps=0)), out
 
 
 def run(cfg: Config, workdir: str) -> dict:
@@ -70,6 +148,11 @@ def run(cfg: Config, workdir: str) -> dict:
   tokenizer = setup.load_tokenizer(cfg.model)
   # Soft-prompt init from text: tokenized once, with the run's tokenizer.
   cfg = dataclasses.replace(cfg, peft=prompt.text_ids(cfg.peft, tokenizer))
+  if cfg.peft.method == "lofit" and cfg.peft.lofit_phase1_steps:
+    cfg, phase1 = _lofit_phase1(cfg, workdir, model_cfg, params, tokenizer)
+    if phase1["preempted"]:
+      return phase1
+    _prepare_workdir(workdir, cfg)  # config.json: phase 2, heads included
   if cfg.task == "reward":
     from tunejax.train import reward  # pylint: disable=g-import-not-at-top
     return reward.train(cfg, workdir, model_cfg, params, tokenizer)
@@ -89,7 +172,7 @@ def run(cfg: Config, workdir: str) -> dict:
     return {"metrics": metrics}
   if cfg.task == "export":
     path = export(cfg, workdir, state, run_)
-    print(f"exported merged HF checkpoint to {path}")
+    print(f"exported to {path}")
     return {"export": path}
   prompts = [tokenizer.encode(p, add_bos=True) for p in cfg.eval.prompts]
   if not prompts:
