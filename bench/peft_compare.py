@@ -30,7 +30,7 @@ from tunejax.peft import base as peft_base
 from tunejax.train import config as tcfg
 
 DEFAULT = ("none,lora,rslora,dora,pissa,olora,vera,eva,corda,kasa,nlora,"
-           "slora,sparse,prompt")
+           "slora,sparse,prompt,prefix,dept,ia3")
 # Per-method PeftConfig extras that make budgets comparable.
 EXTRAS = {"vera": {"rank": 64}, "corda": {"corda_mode": "ipm"},
           "sparse": {"sparse_match_rank": -1}, "prompt": {}}

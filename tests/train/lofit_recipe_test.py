@@ -30,6 +30,7 @@ def _recipe(**over) -> tcfg.Config:
   c.checkpoint.export_at_end = True
   c.eval.every = -1
   c.log.tensorboard = False
+  c.log.every = 1
   c.update_from_flattened_dict(over)
   return tcfg.from_configdict(c)
 

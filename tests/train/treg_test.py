@@ -1,11 +1,13 @@
 """T-REG token rewards (tunejax.train.treg) vs a direct float64 computation."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from tests.train.helpers import tiny_config
-from tunejax import data, models
+from tunejax import data, errors, models
+from tunejax.losses import preference as pref
 from tunejax.train import metrics as metrics_lib
 from tunejax.train import preference, setup, tasks, treg
 
@@ -53,15 +55,22 @@ def scored(tmp_path_factory):
   return cfg, model_cfg, base, tok, batch, scorer.rewards(batch)
 
 
-def _direct_logps(model_cfg, params, ids, start):
-  """log π(ids[t+1] | ids[:t+1]) for t >= start - 1, float64."""
-  logits = np.asarray(models.forward(model_cfg, params,
-                                     np.asarray(ids, np.int32)[None])[0],
-                      np.float64)
+def _direct_logps(model_cfg, params, seqs):
+  """For each (ids, start): log π(ids[t+1] | ids[:t+1]), t >= start - 1,
+  from full logits in float64 (one forward; right padding is causal-safe)."""
+  width = max(len(ids) for ids, _ in seqs)
+  tokens = np.zeros((len(seqs), width), np.int32)
+  for j, (ids, _) in enumerate(seqs):
+    tokens[j, :len(ids)] = ids
+  logits = np.asarray(jax.jit(models.forward, static_argnums=0)(
+      model_cfg, params, tokens), np.float64)
   z = logits - logits.max(-1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  t = np.arange(start - 1, len(ids) - 1)
-  return logp[t, np.asarray(ids)[t + 1]]
+  out = []
+  for j, (ids, start) in enumerate(seqs):
+    t = np.arange(start - 1, len(ids) - 1)
+    out.append(logp[j, t, np.asarray(ids)[t + 1]])
+  return out
 
 
 def test_contrastive_doc_inserts_before_prompt():
@@ -84,6 +93,18 @@ def test_contrastive_doc_inserts_before_prompt():
   np.testing.assert_array_equal(m, [0, 1, 1])
 
 
+def test_reward_forms_and_config_check():
+  rng = np.random.default_rng(0)
+  b, w = rng.normal(size=16), rng.normal(size=16)
+  np.testing.assert_allclose(
+      pref.contrastive_token_rewards(b, w, form="diff"), b - w, atol=1e-6)
+  np.testing.assert_allclose(pref.contrastive_token_rewards(b, w),
+                             1.0 / (1.0 + np.exp(w - b)) - 0.5, atol=1e-6)
+  bad = treg_config(loss={"name": "treg", "treg_reward": "clip"})
+  with pytest.raises(errors.ConfigError, match="treg_reward"):
+    preference.check(bad)
+
+
 def test_rewards_equal_direct_computation(scored):
   """Packed rows; each pair's rewards vs full-logit float64 forwards of
   [bos] instruction prompt response [eos] built from the raw strings."""
@@ -96,7 +117,7 @@ def test_rewards_equal_direct_computation(scored):
       key = tuple([tok.bos_id] + tok.encode(p) + tok.encode(resp)
                   + [tok.eos_id])
       by_ids[key] = (p, resp)
-  seen = 0
+  got, seqs = [], []
   for side, rew in (("chosen", rew_w), ("rejected", rew_l)):
     for i in range(rew.shape[0]):
       s_ids = batch[f"{side}_segment_ids"][i]
@@ -108,17 +129,18 @@ def test_rewards_equal_direct_computation(scored):
         ids = tuple(batch[f"{side}_tokens"][i][sel]) + (
             batch[f"{side}_targets"][i][sel][-1],)
         prompt, resp = by_ids[tuple(int(x) for x in ids)]
-        lp = {}
-        for name, instr in (("better", BETTER), ("worse", WORSE)):
+        for instr in (BETTER, WORSE):
           prefix = [tok.bos_id] + tok.encode(instr) + tok.encode(prompt)
-          full = prefix + tok.encode(resp) + [tok.eos_id]
-          lp[name] = _direct_logps(model_cfg, params, full, len(prefix))
-        want = 1.0 / (1.0 + np.exp(-(lp["better"] - lp["worse"]))) - 0.5
-        got = rew[i][sel & mask]
-        assert got.shape == want.shape == (len(tok.encode(resp)) + 1,)
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
-        seen += 1
-  assert seen == 2 * len(ROWS)
+          seqs.append((prefix + tok.encode(resp) + [tok.eos_id],
+                       len(prefix)))
+        got.append(rew[i][sel & mask])
+  assert len(got) == 2 * len(ROWS)
+  lps = _direct_logps(model_cfg, params, seqs)
+  for j, g in enumerate(got):
+    lp_better, lp_worse = lps[2 * j], lps[2 * j + 1]
+    want = 1.0 / (1.0 + np.exp(-(lp_better - lp_worse))) - 0.5
+    assert g.shape == want.shape
+    np.testing.assert_allclose(g, want, rtol=0, atol=1e-6)
   assert np.abs(rew_w).max() > 1e-3  # not trivially zero
 
 

@@ -215,10 +215,14 @@ class Eva(_DataDriven):
     return cap, alpha * cap / r  # s = alpha / r at the padded rank
 
   def from_stats(self, flat_frozen, stats):
-    comps, ratios, budget = {}, {}, 0
-    for m in self._scales:
+    comps, ratios, budget, prev = {}, {}, 0, None
+    for m in sorted(self._scales):
       cap = self._rank_alpha(m)[0]
-      comps[m], ratios[m] = eva_components(stats[m], cap, self.cfg.eva_whiten)
+      st = stats[m]
+      if prev is not None:  # one factorisation at a time (see _serial)
+        st, _ = jax.lax.optimization_barrier((st, prev))
+      comps[m], ratios[m] = eva_components(st, cap, self.cfg.eva_whiten)
+      prev = comps[m]
       budget += self._base_rank_alpha(m)[0] * ratios[m][..., 0].size
     ranks = allocate_ranks(ratios, budget)
     out = {}

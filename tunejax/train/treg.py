@@ -29,6 +29,7 @@ import json
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from tunejax import data
 from tunejax.data import packing
@@ -79,7 +80,8 @@ def contrastive_units(batch, better_ids, worse_ids, bos_id):
 def _pack(units, seq_len, pad_id, rows_per_call):
   """Packs (better, worse) units into `[R, seq_len]` preference-style rows
   (better as `chosen_*`, worse as `rejected_*`), R a multiple of
-  `rows_per_call`. Returns (batch, [(row, segment id)] per unit)."""
+  `rows_per_call` that every host agrees on (each jitted call is global).
+  Returns (batch, [(row, segment id)] per unit); batch None if R = 0."""
   # `pack` bins with this same deterministic call, so its row r, segment
   # k + 1 holds unit bins[r][k].
   bins = packing.best_fit_decreasing(
@@ -89,8 +91,13 @@ def _pack(units, seq_len, pad_id, rows_per_call):
   for r, b in enumerate(bins):
     for k, u in enumerate(b):
       where[u] = (r, k + 1)
-  rows += [packing.empty_row(2, seq_len, pad_id)] * (-len(rows)
-                                                     % rows_per_call)
+  calls = -(-len(rows) // rows_per_call)
+  if jax.process_count() > 1:
+    calls = int(np.max(multihost_utils.process_allgather(np.int32(calls))))
+  if not calls:
+    return None, where
+  rows += [packing.empty_row(2, seq_len, pad_id)] * (
+      calls * rows_per_call - len(rows))
   batch = {f"{side}_{k}": np.stack([row[j][k] for row in rows])
            for j, side in enumerate(pref.SIDES) for k in ROW_KEYS}
   return batch, where
@@ -128,19 +135,24 @@ class Scorer:
     units = contrastive_units(batch, self._better, self._worse, self._bos)
     out = {side: np.zeros(batch[f"{side}_tokens"].shape, np.float32)
            for side in pref.SIDES}
-    if not units:
-      return out["chosen"], out["rejected"]
     packed, where = _pack([u for *_, u in units], self._len, self._pad,
                           rows)
+    if packed is None:
+      return out["chosen"], out["rejected"]
     lp_better, lp_worse = self._logps(packed, rows)
-    for (i, side, sel, _), (r, k) in zip(units, where):
-      m_better, m_worse = (
-          (packed[f"{s}_segment_ids"][r] == k)
-          & (packed[f"{s}_loss_mask"][r] > 0) for s in pref.SIDES)
-      reward = pref.contrastive_token_rewards(
-          lp_better[r][m_better], lp_worse[r][m_worse], form=self._form)
-      at = sel & (batch[f"{side}_loss_mask"][i] > 0)
-      out[side][i][at] = np.asarray(reward, np.float32)
+    picked = {s: [] for s in pref.SIDES}  # the response targets, in order
+    for r, k in where:
+      for s, lp in zip(pref.SIDES, (lp_better, lp_worse)):
+        m = (packed[f"{s}_segment_ids"][r] == k) & (
+            packed[f"{s}_loss_mask"][r] > 0)
+        picked[s].append(lp[r][m])
+    if units:  # one call over all tokens (the formula lives in losses)
+      reward = np.asarray(pref.contrastive_token_rewards(
+          np.concatenate(picked["chosen"]),
+          np.concatenate(picked["rejected"]), form=self._form), np.float32)
+      ends = np.cumsum([len(x) for x in picked["chosen"]])[:-1]
+      for (i, side, sel, _), r_t in zip(units, np.split(reward, ends)):
+        out[side][i][sel & (batch[f"{side}_loss_mask"][i] > 0)] = r_t
     return out["chosen"], out["rejected"]
 
 
