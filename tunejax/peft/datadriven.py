@@ -184,12 +184,13 @@ class _DataDriven(Lora):
                            (ctx.next_batch()
                             for _ in range(self.cfg.calib_batches)))
 
-    def reinit(state, stats):
-      t, f = self.init(jax.random.PRNGKey(0), self._base(state.frozen),
-                       stats)
-      return state.replace(params=t, frozen=f, opt_state=ctx.tx.init(t))
-
-    return jax.jit(reinit, out_shardings=ctx.state_shardings)(state, stats)
+    # Op by op, not jitted: the whole init as one XLA:CPU program (eigh /
+    # SVD of every target) hung with all seven Llama targets (measured;
+    # cause not found), while eager dispatch runs the same ops fine.
+    t, f = self.init(jax.random.PRNGKey(0), base, stats)
+    place = lambda state, t, f: state.replace(params=t, frozen=f,
+                                              opt_state=ctx.tx.init(t))
+    return jax.jit(place, out_shardings=ctx.state_shardings)(state, t, f)
 
 
 @register("eva")
@@ -215,14 +216,10 @@ class Eva(_DataDriven):
     return cap, alpha * cap / r  # s = alpha / r at the padded rank
 
   def from_stats(self, flat_frozen, stats):
-    comps, ratios, budget, prev = {}, {}, 0, None
-    for m in sorted(self._scales):
+    comps, ratios, budget = {}, {}, 0
+    for m in self._scales:
       cap = self._rank_alpha(m)[0]
-      st = stats[m]
-      if prev is not None:  # one factorisation at a time (see _serial)
-        st, _ = jax.lax.optimization_barrier((st, prev))
-      comps[m], ratios[m] = eva_components(st, cap, self.cfg.eva_whiten)
-      prev = comps[m]
+      comps[m], ratios[m] = eva_components(stats[m], cap, self.cfg.eva_whiten)
       budget += self._base_rank_alpha(m)[0] * ratios[m][..., 0].size
     ranks = allocate_ranks(ratios, budget)
     out = {}

@@ -16,6 +16,10 @@ Reference log-probs (`loss.reference`):
                the stored table.
 The table is keyed by a hash of each pair's token ids (both sides), so any
 shuffling, packing or epoch serves the same values.
+
+`loss.name='treg'` adds a second table of the same kind, T-REG's
+contrastive-prompt token rewards (W/treg_rewards.npz, `tunejax.train.treg`);
+the `annotate` hook adds every table's keys to training and eval batches.
 """
 from __future__ import annotations
 
