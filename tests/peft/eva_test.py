@@ -183,3 +183,16 @@ def test_on_start_event_calibrates_from_training_batches():
   # Fresh optimizer state over the new adapters, sharded as before.
   assert jax.tree.structure(new.opt_state) == jax.tree.structure(
       state.opt_state)
+
+
+@pytest.mark.parametrize("method", ["eva", "corda"])
+def test_train_run_end_to_end(tmp_path, method):
+  from tunejax import train  # pylint: disable=import-outside-toplevel
+  cfg = tiny_config(total_steps=2, peft=dict(method=method, rank=R,
+                                             calib_batches=2),
+                    mesh={"data": 1}, eval={"every": -1})
+  out = train.run(cfg, str(tmp_path))
+  assert np.isfinite(out["metrics"]["loss"])
+  if method == "eva":  # calibrated: live ranks sum to the budget
+    ranks = out["run"].method.ranks(out["state"].params)
+    assert sum(int(jnp.sum(r)) for r in ranks.values()) == R * 7 * 2

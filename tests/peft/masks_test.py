@@ -108,10 +108,10 @@ def test_layerwise_lr_decay_and_freezing_through_make_tx():
     upd, _ = tx.update(grads, tx.init(params), params)
     per_layer = decay ** (3 - np.arange(4.0))
     per_layer[:frozen] = 0
-    np.testing.assert_allclose(
-        upd["layers"]["attn"]["q"]["kernel"],
-        -0.1 * per_layer[:, None, None] * grads["layers"]["attn"]["q"]["kernel"],
-        rtol=1e-6)
+    g_q = grads["layers"]["attn"]["q"]["kernel"]
+    np.testing.assert_allclose(upd["layers"]["attn"]["q"]["kernel"],
+                               -0.1 * per_layer[:, None, None] * g_q,
+                               rtol=1e-6)
     emb = 0.0 if frozen else decay ** 4
     np.testing.assert_allclose(upd["embed"]["embedding"],
                                -0.1 * emb * grads["embed"]["embedding"],

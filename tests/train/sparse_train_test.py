@@ -42,7 +42,7 @@ def spiel():
 
 def _ctx(cfg, run, seeds):
   """An event context whose batches are `random_batch(seed)`."""
-  return loop._events(cfg, run, iter([random_batch(s) for s in seeds]))
+  return loop.event_context(cfg, run, iter([random_batch(s) for s in seeds]))
 
 
 _GRADS = {}
@@ -169,15 +169,22 @@ def test_inactive_entries_never_change_and_state_scales_with_k(spiel):
     assert (w[mask] != w0[mask]).mean() > 0.9  # the active ones train
 
 
-def test_deltas_shard_with_their_matrix():
-  cfg = tiny_config(peft={"method": "spiel", "sparse_k": K},
-                    mesh={"data": 1, "fsdp": 8})
-  model_cfg, _ = setup.load_model(cfg.model)
-  _, run = setup.abstract_state(cfg, model_cfg)
+def test_deltas_shard_with_their_matrix_and_events_keep_shardings():
+  cfg, state, run = _build(dict(
+      total_steps=8, mesh={"data": 2, "fsdp": 4},
+      peft={"method": "spiel", "sparse_k": K, "spiel_every": 4,
+            "sparse_batches": 1, "targets": (r"layers/attn/q",)}))
   sh = run.state_shardings
   assert sh.params["layers"]["attn"]["q"]["values"].spec == P(None, "fsdp")
   assert sh.frozen["peft"]["layers"]["attn"]["q"]["indices"].spec == \
       P(None, "fsdp")
+  new = run.method.on_step(state, 4, _ctx(cfg, run, (0,)))
+  same = jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim),
+                      new, sh)
+  assert all(jax.tree.leaves(same))
+  idx = np.asarray(new.frozen["peft"]["layers"]["attn"]["q"]["indices"])
+  assert (idx != np.asarray(
+      state.frozen["peft"]["layers"]["attn"]["q"]["indices"])).any()
 
 
 def test_hft_freezes_exactly_the_scheduled_half():
@@ -235,3 +242,30 @@ def test_lt_sft_trains_end_to_end(tmp_path):
   train.run(tiny_config(**LT_SFT), str(tmp_path))
   losses = [r["loss"] for r in metrics_lib.read(str(tmp_path)) if "loss" in r]
   assert len(losses) == 8 and losses[-1] < losses[0] - 0.3
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_spiel_resume_is_bitwise(spiel_run, tmp_path, monkeypatch):
+  """Killed after step 6 (checkpoint at 4, after its drop/grow event), the
+  resumed run ends bit for bit where the uninterrupted one did."""
+  _, _, full = spiel_run
+  cfg = tiny_config(**dict(SPIEL, checkpoint={"every": 2, "async_save": False}))
+  orig = metrics_lib.MetricsWriter.write
+
+  def write(self, step, m):
+    orig(self, step, m)
+    if step == 6 and "loss" in m:
+      raise _Killed()
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", write)
+  with pytest.raises(_Killed):
+    train.run(cfg, str(tmp_path))
+  monkeypatch.setattr(metrics_lib.MetricsWriter, "write", orig)
+  out = train.run(cfg, str(tmp_path))
+  for a, b in ((out["state"].params, full["state"].params),
+               (out["state"].frozen["peft"], full["state"].frozen["peft"])):
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)),
+                    jax.tree.leaves(jax.device_get(b))):
+      np.testing.assert_array_equal(x, y)

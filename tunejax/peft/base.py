@@ -48,6 +48,7 @@ class PeftConfig:
   sparse_density: float = 0.01
   sparse_batches: int = 4  # batches for Fisher / SpIEL gradient statistics
   lift_rank: int = 32  # LIFT: rank f of the low-rank approximation
+  lift_every: int = 0  # LIFT: re-select the mask every N steps (0 = never)
   spiel_every: int = 20  # SpIEL: drop/grow every R steps
   spiel_rate: float = 0.2  # SpIEL: initial drop fraction p
   spiel_schedule: str = "linear"  # linear | cosine decay of p to 0

@@ -31,6 +31,14 @@ Methods (registry names):
           start, fully fine-tune the targeted matrices for `lt_sft_steps`
           steps (the run's optimizer settings), keep the top-k |θ1 − θ0| per
           matrix, reset to θ0 and train only those entries.
+  LIFT (`sparse_mask='lift'`, zihanghliu/LIFT): with `lift_every` > 0 the
+          mask is re-selected every `lift_every` steps from the current
+          weights; the deltas are first folded into the frozen kernels (LIFT
+          trains the weights themselves, so entries that leave keep their
+          change), staying entries keep their optimizer moments, new ones
+          start at zero. After such a fold `export/delta` holds only the
+          latest interval and the reference model is the folded one; use
+          `export/hf`.
 
 Data-driven masks and drop/grow are host events between jitted steps
 (`on_start`, `on_step`), each a pure jitted state transformation.
@@ -140,26 +148,51 @@ def _with_leaf(d: dict, name: str, x) -> dict:
   return tree.unflatten(flat)
 
 
+def lift_reselect(w, indices, values, rank: int):
+  """LIFT's periodic re-selection for one matrix. Pure.
+
+  Folds the deltas into the kernel (LIFT trains the weights themselves, so
+  entries leaving the mask keep their change), then re-selects the top-k
+  |(W + Δ)_f|. Returns (folded kernel, new indices, source) where source
+  [..., k] is the old slot each new entry had (its moments carry over),
+  or -1 for a newly selected entry.
+  """
+  k = indices.shape[-1]
+  w_eff = add_delta(w, indices, values)
+  new = masks.lift_indices(w_eff, k, rank)
+
+  def one(old, nw):
+    order = jnp.argsort(old)
+    pos = jnp.clip(jnp.searchsorted(old[order], nw), 0, k - 1)
+    return jnp.where(old[order][pos] == nw, order[pos], -1)
+  src = jax.vmap(one)(indices.reshape(-1, k), new.reshape(-1, k))
+  return w_eff.astype(w.dtype), new, src.reshape(new.shape).astype(jnp.int32)
+
+
 def replace_entries(state, tx, new_indices: dict, new_values: dict,
-                    replaced: dict):
-  """State with new indices/values per module and zeroed optimizer state
-  (moments) at the `replaced` slots. Pure; modules keyed by path."""
+                    source: dict, kernels: dict | None = None):
+  """State with new indices/values (and optionally frozen kernels) per
+  module; the optimizer state of new slot j is old slot source[j]'s, zero
+  where source is -1. Pure; modules keyed by path."""
   flat_t, flat_f = tree.flatten(state.params), tree.flatten(state.frozen)
-  reset = {}
+  src = {}
   for m in new_indices:
     flat_t[m + "/values"] = new_values[m].astype(flat_t[m + "/values"].dtype)
     flat_f[f"{EXTRA}/{m}/indices"] = new_indices[m]
-    reset[m + "/values"] = replaced[m]
-  for n, x in flat_t.items():  # Untouched trainable leaves: no reset.
-    reset.setdefault(n, jnp.zeros(x.shape, bool))
+    src[m + "/values"] = source[m]
+  for m, w in (kernels or {}).items():
+    flat_f[m + "/kernel"] = w
+  for n, x in flat_t.items():  # Untouched trainable leaves: kept as is.
+    src.setdefault(n, jnp.broadcast_to(jnp.arange(x.shape[-1]), x.shape))
 
-  def zero(s, r):
-    if not hasattr(s, "shape") or s.shape != r.shape:
+  def carry(s, j):
+    if not hasattr(s, "shape") or s.shape != j.shape:
       return s
-    return jnp.where(r, jnp.zeros_like(s), s)
+    got = jnp.take_along_axis(s, jnp.maximum(j, 0), axis=-1)
+    return jnp.where(j >= 0, got, jnp.zeros_like(s))
 
-  opt = optax.tree_map_params(tx, zero, state.opt_state,
-                              tree.unflatten(reset))
+  opt = optax.tree_map_params(tx, carry, state.opt_state,
+                              tree.unflatten(src))
   return state.replace(params=tree.unflatten(flat_t),
                        frozen=tree.unflatten(flat_f), opt_state=opt)
 
@@ -278,12 +311,13 @@ class Sparse(Method):
       acc = g if acc is None else acc + g
     return acc if square else jnp.abs(acc)
 
-  def _replace(self, ctx, state, idx, vals, replaced):
-    if "replace" not in self._jitted:
-      self._jitted["replace"] = jax.jit(
-          lambda s, i, v, r: replace_entries(s, ctx.tx, i, v, r),
+  def _replace(self, ctx, state, idx, vals, source, kernels=None):
+    key = ("replace", kernels is None)
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(
+          lambda *a: replace_entries(a[0], ctx.tx, *a[1:]),
           out_shardings=ctx.state_shardings)
-    return self._jitted["replace"](state, idx, vals, replaced)
+    return self._jitted[key](state, idx, vals, source, kernels)
 
   def _reselect(self, ctx, state, select):
     """Sets every module's indices to `select(module, w, k)`; values and
@@ -294,7 +328,7 @@ class Sparse(Method):
       old = flat_f[f"{EXTRA}/{m}/indices"]
       idx[m] = select(m, flat_f[m + "/kernel"], old.shape[-1])
       vals[m] = jnp.zeros(old.shape, jnp.float32)
-      rep[m] = jnp.ones(old.shape, bool)
+      rep[m] = jnp.full(old.shape, -1, jnp.int32)
     return self._replace(ctx, state, idx, vals, rep)
 
   def on_start(self, state, ctx):
@@ -333,9 +367,24 @@ class Sparse(Method):
       kernels, opt = step(kernels, opt, zero, state.frozen, ctx.next_batch())
     return kernels
 
+  def _lift_step(self, ctx, state):
+    flat_t, flat_f = tree.flatten(state.params), tree.flatten(state.frozen)
+    idx, vals, src, kern = {}, {}, {}, {}
+    for m in self.modules(self._base(state.frozen)):
+      kern[m], idx[m], src[m] = jax.jit(lift_reselect, static_argnums=3)(
+          flat_f[m + "/kernel"], flat_f[f"{EXTRA}/{m}/indices"],
+          flat_t[m + "/values"], self.cfg.lift_rank)
+      vals[m] = jnp.zeros(idx[m].shape, jnp.float32)
+    return self._replace(ctx, state, idx, vals, src, kern)
+
   def on_step(self, state, step, ctx):
+    if step >= ctx.total_steps:
+      return state
+    le = self.cfg.lift_every
+    if self.mask == "lift" and le > 0 and step % le == 0:
+      return self._lift_step(ctx, state)
     r = self.cfg.spiel_every
-    if not self.regrow or r <= 0 or step % r or step >= ctx.total_steps:
+    if not self.regrow or r <= 0 or step % r:
       return state
     p = drop_fraction(step, ctx.total_steps, rate=self.cfg.spiel_rate,
                       schedule=self.cfg.spiel_schedule,
@@ -347,8 +396,9 @@ class Sparse(Method):
       v = flat_t[m + "/values"]
       score = self.grad_scores(ctx, state, m, batches, square=False)
       n = jnp.int32(math.floor(v.shape[-1] * p))
-      idx[m], vals[m], rep[m] = spiel_update(
+      idx[m], vals[m], fresh = spiel_update(
           flat_f[f"{EXTRA}/{m}/indices"], v, score, n)
+      rep[m] = jnp.where(fresh, -1, jnp.arange(v.shape[-1], dtype=jnp.int32))
       del score  # one dense matrix alive at a time
     return self._replace(ctx, state, idx, vals, rep)
 

@@ -73,7 +73,7 @@ def _log_row(run, cfg: Config, m: dict, step: int, ntokens: float, dt: float):
   return m
 
 
-def _events(cfg: Config, run, it) -> peft.EventContext:
+def event_context(cfg: Config, run, it) -> peft.EventContext:
   """What PEFT methods' host events (mask selection, drop/grow) may use."""
   def objective(params, frozen, batch, rng):
     if rng is not None:
@@ -93,7 +93,7 @@ def _events(cfg: Config, run, it) -> peft.EventContext:
 
 def _steps(cfg: Config, run, state, it, ckpt, writer, evaluator, start: int):
   """The step loop. Returns (state, last logged metrics, preempted)."""
-  events = _events(cfg, run, it)
+  events = event_context(cfg, run, it)
   config_json = dataclasses.asdict(cfg)
   step_fn = setup.jit_train_step(run, cfg.micro_batches)
   base_rng = jax.random.PRNGKey(cfg.seed)
@@ -147,7 +147,7 @@ def train(cfg: Config, workdir: str, model_cfg, params, tokenizer,
   if cfg.checkpoint.resume:
     state, start = _restore(ckpt, state, run, it)
   if start == 0:  # e.g. data-driven sparse masks, LT-SFT's first phase
-    state = run.method.on_start(state, _events(cfg, run, it))
+    state = run.method.on_start(state, event_context(cfg, run, it))
   writer = MetricsWriter(workdir, total_steps=cfg.total_steps,
                          start_step=start, tensorboard=cfg.log.tensorboard,
                          progress=cfg.log.progress)
