@@ -141,3 +141,27 @@ def test_forward_and_loss_match_peft(hf_llama):
   np.testing.assert_allclose(ours, hf_logits(pm, tokens), atol=1e-4, rtol=0)
   np.testing.assert_allclose(pen, float(pm.base_model._get_kasa_loss()),
                              rtol=1e-5)
+
+
+def test_regulariser_reaches_the_train_step():
+  """The step's loss is CE + the KaSA penalty: with the regulariser on,
+  the first step's loss exceeds the off run's by exactly `kasa_reg`."""
+  from tunejax import data  # pylint: disable=import-outside-toplevel
+  from tunejax.train import setup  # pylint: disable=import-outside-toplevel
+  from tests.train.helpers import random_batch, tiny_config  # pylint: disable=import-outside-toplevel
+  batch = random_batch(0)
+  out = {}
+  for on in (True, False):
+    cfg = tiny_config(peft={"method": "kasa", "rank": 2,
+                            "kasa_beta": 0.1 if on else 0.0,
+                            "kasa_gamma": 0.2 if on else 0.0},
+                      mesh={"data": 1})
+    model_cfg, params = setup.load_model(cfg.model)
+    state, run = setup.build(cfg, model_cfg, params)
+    step = setup.jit_train_step(run, 1)
+    _, m = step(state, data.to_global(batch, run.mesh, run.batch_sharding),
+                jax.random.PRNGKey(0))
+    out[on] = {k: float(v) for k, v in m.items()}
+  assert out[True]["kasa_reg"] > 1e-3
+  np.testing.assert_allclose(out[True]["loss"] - out[False]["loss"],
+                             out[True]["kasa_reg"], rtol=1e-4)
