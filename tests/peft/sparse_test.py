@@ -178,3 +178,47 @@ def test_drop_fraction_schedules():
   np.testing.assert_allclose(
       sparse.drop_fraction(25, 100, schedule="cosine", **kw),
       0.2 * (1 + np.cos(np.pi * 0.25)) / 2)
+
+
+def test_lift_reselect_folds_and_carries_moments():
+  import optax
+  from tunejax.state import TrainState
+  rng = np.random.default_rng(5)
+  lead, d_in, d_out, k, rank = 2, 16, 12, 20, 3
+  w = rng.normal(size=(lead, d_in, d_out)).astype(np.float32)
+  idx = np.stack([np.sort(rng.permutation(d_in * d_out)[:k])
+                  for _ in range(lead)]).astype(np.int32)
+  vals = rng.normal(size=(lead, k)).astype(np.float32)
+  folded, new, src = jax.device_get(sparse.lift_reselect(
+      jnp.asarray(w), jnp.asarray(idx), jnp.asarray(vals), rank))
+  w_eff = _np_add_delta(w, idx, vals)
+  np.testing.assert_allclose(folded, w_eff, rtol=1e-6, atol=1e-6)
+  for layer in range(lead):
+    u, s, vt = np.linalg.svd(w_eff[layer], full_matrices=False)
+    approx = np.abs((u[:, :rank] * s[:rank]) @ vt[:rank]).ravel()
+    np.testing.assert_array_equal(
+        new[layer], np.sort(np.argsort(-approx, kind="stable")[:k]))
+    for j, e in enumerate(new[layer]):
+      hit = np.nonzero(idx[layer] == e)[0]
+      assert src[layer, j] == (hit[0] if hit.size else -1)
+  assert (src >= 0).any() and (src < 0).any()
+  # Moments follow their entries; new entries start at zero.
+  tx = optax.adam(1e-3)
+  params = {"m": {"values": jnp.asarray(vals)}}
+  opt = jax.tree.map(lambda x: x + jnp.arange(x.size, dtype=x.dtype
+                                              ).reshape(x.shape)
+                     if x.ndim else x, tx.init(params))
+  state = TrainState(step=jnp.int32(0), params=params,
+                     frozen={"m": {"kernel": jnp.asarray(w)},
+                             "peft": {"m": {"indices": jnp.asarray(idx)}}},
+                     opt_state=opt, rng=jax.random.PRNGKey(0))
+  out = sparse.replace_entries(state, tx, {"m": new},
+                               {"m": jnp.zeros(new.shape)}, {"m": src},
+                               {"m": folded})
+  mu_old, mu_new = np.asarray(opt[0].mu["m"]["values"]), np.asarray(
+      out.opt_state[0].mu["m"]["values"])
+  want = np.where(src >= 0, np.take_along_axis(mu_old, np.maximum(src, 0),
+                                               -1), 0)
+  np.testing.assert_array_equal(mu_new, want)
+  np.testing.assert_array_equal(out.frozen["m"]["kernel"], folded)
+  np.testing.assert_array_equal(out.frozen["peft"]["m"]["indices"], new)

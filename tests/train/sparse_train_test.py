@@ -269,3 +269,26 @@ def test_spiel_resume_is_bitwise(spiel_run, tmp_path, monkeypatch):
     for x, y in zip(jax.tree.leaves(jax.device_get(a)),
                     jax.tree.leaves(jax.device_get(b))):
       np.testing.assert_array_equal(x, y)
+
+
+def test_lift_reselection_through_the_loop(tmp_path):
+  cfg = tiny_config(total_steps=4, optim={"lr": 3e-2}, mesh={"data": 1},
+                    peft={"method": "sparse", "sparse_mask": "lift",
+                          "sparse_k": K, "lift_rank": 4, "lift_every": 2,
+                          "targets": (r"layers/attn/q",)},
+                    checkpoint={"async_save": False}, eval={"every": -1})
+  init, _ = setup.build(cfg, *setup.load_model(cfg.model))
+  w0 = np.asarray(init.frozen["layers"]["attn"]["q"]["kernel"])
+  i0 = np.asarray(init.frozen["peft"]["layers"]["attn"]["q"]["indices"])
+  out = train.run(cfg, str(tmp_path))
+  state = jax.device_get(out["state"])
+  w = state.frozen["layers"]["attn"]["q"]["kernel"]
+  idx = state.frozen["peft"]["layers"]["attn"]["q"]["indices"]
+  # The step-2 fold moved exactly the entries trained before it.
+  changed = np.nonzero((w != w0).reshape(w.shape[0], -1))
+  for layer in range(w.shape[0]):
+    assert set(changed[1][changed[0] == layer]) <= set(i0[layer].tolist())
+    assert len(set(idx[layer].tolist())) == K
+  assert (w != w0).any()
+  losses = [r["loss"] for r in metrics_lib.read(str(tmp_path)) if "loss" in r]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -46,6 +46,7 @@ Data-driven masks and drop/grow are host events between jitted steps
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -148,6 +149,7 @@ def _with_leaf(d: dict, name: str, x) -> dict:
   return tree.unflatten(flat)
 
 
+@functools.partial(jax.jit, static_argnums=3)
 def lift_reselect(w, indices, values, rank: int):
   """LIFT's periodic re-selection for one matrix. Pure.
 
@@ -371,7 +373,7 @@ class Sparse(Method):
     flat_t, flat_f = tree.flatten(state.params), tree.flatten(state.frozen)
     idx, vals, src, kern = {}, {}, {}, {}
     for m in self.modules(self._base(state.frozen)):
-      kern[m], idx[m], src[m] = jax.jit(lift_reselect, static_argnums=3)(
+      kern[m], idx[m], src[m] = lift_reselect(
           flat_f[m + "/kernel"], flat_f[f"{EXTRA}/{m}/indices"],
           flat_t[m + "/values"], self.cfg.lift_rank)
       vals[m] = jnp.zeros(idx[m].shape, jnp.float32)
