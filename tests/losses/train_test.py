@@ -77,7 +77,8 @@ def test_masked_thought_masks_training_inputs_only():
     model_cfg, _ = _setup.load_model(cfg.model)
     state, run = _setup.build(cfg, model_cfg, None)
     b = _data.to_global(random_batch(0), run.mesh, run.batch_sharding)
-    ev = _setup.jit_eval_step(run)(state.params, state.frozen, b)
+    ev = _setup.jit_eval_step(run)(state.params, state.frozen, b,
+                                   state.history)
     state = state.replace(step=state.step + 10)  # a ramped-up rate
     _, m = _setup.jit_train_step(run, 1)(state, b, _jax.random.PRNGKey(0))
     losses_[rate] = (float(ev["loss_sum"] / ev["denom"]), float(m["loss"]))

@@ -172,7 +172,7 @@ def test_on_start_event_calibrates_from_training_batches():
   model_cfg, params = setup.load_model(cfg.model)
   state, run = setup.build(cfg, model_cfg, params)
   batches = [random_batch(s) for s in (0, 1)]
-  new = run.method.on_start(state, loop._events(cfg, run, iter(batches)))
+  new = run.method.on_start(state, loop.event_context(cfg, run, iter(batches)))
   base = run.method._base(state.frozen)
   stats = calibrate.collect(model_cfg, base, batches,
                             run.method.targets(base), label_mask=True)
