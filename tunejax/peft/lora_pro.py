@@ -31,7 +31,6 @@ over leading (layer-stack) axes.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 

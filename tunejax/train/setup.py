@@ -255,7 +255,12 @@ def build(cfg: Config, model_cfg, params) -> tuple[TrainState, Run]:
       state = _init_fn(run, False)(k_init, rng, k_peft)
     else:
       state = _init_fn(run, True)(params, rng, k_peft)
-  return state, run
+  # Wait for the init here: on XLA:CPU with fake devices, an init holding
+  # LAPACK SVD/QR (PiSSA, OLoRA) plus cross-device collectives made no
+  # progress while merely dispatched (0 of its outputs ready after 40 s; a
+  # blocking wait finishes it in ~5 s), and the train step queued on those
+  # buffers then waited forever. One sync per run costs nothing.
+  return jax.block_until_ready(state), run
 
 
 def _with_rules(fn, run: Run):
