@@ -18,6 +18,7 @@ import pytest
 
 from tunejax import losses
 from tunejax.losses import preference as pref
+from tunejax.losses import token_pref
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -210,7 +211,7 @@ def test_tdpo_kl_and_loss_match_full_logits(setup):
   batch, policy, ref, pol, rf = setup
   lp, lq = np_logp(policy), np_logp(ref)
   kl_tok = np.sum(np.exp(lq) * (lq - lp), -1)  # KL(π_ref ‖ π_θ) per token
-  kl_w, kl_l = pref.sequential_kl(policy, ref, batch)
+  kl_w, kl_l = token_pref.sequential_kl(policy, ref, batch)
   for j, (side, got) in enumerate(zip(pref.SIDES, (kl_w, kl_l))):
     want = kl_tok[j::2] * np.asarray(batch[f"{side}_loss_mask"])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)
@@ -228,7 +229,7 @@ def test_tdpo_kl_and_loss_match_full_logits(setup):
       dw, dl = d[k]
       z = u - (dl - dw) if variant == 1 else u - alpha * (dl - dw)
       want.append(sig_loss(beta * z))
-    ls, denom, aux = pref.tdpo(policy, batch, ref=ref, beta=beta,
+    ls, denom, aux = token_pref.tdpo(policy, batch, ref=ref, beta=beta,
                                alpha=alpha, variant=variant)
     np.testing.assert_allclose(float(ls / denom), np.mean(want), rtol=2e-5)
   np.testing.assert_allclose(float(aux["kl_sum"] / denom),
@@ -241,7 +242,7 @@ def test_tdpo2_stops_gradient_of_chosen_kl(setup):
   batch, policy, ref, _, _ = setup
   def loss_of(kl_scale_w):
     p = pref.Pairs(*(jnp.ones(3) for _ in range(7)))
-    return pref.tdpo_objective(p, kl_scale_w * jnp.ones(3), jnp.ones(3),
+    return token_pref.tdpo_objective(p, kl_scale_w * jnp.ones(3), jnp.ones(3),
                                beta=0.1, alpha=0.5, variant=2).sum()
   assert float(jax.grad(loss_of)(1.0)) == 0.0
   del batch, policy, ref
@@ -251,7 +252,7 @@ def test_treg_matches_formula(setup):
   batch, policy, ref, pol, rf = setup
   rng = np.random.default_rng(5)
   b = batch["chosen_tokens"].shape[0]
-  rewards = {s: pref.contrastive_token_rewards(
+  rewards = {s: token_pref.contrastive_token_rewards(
       jnp.asarray(rng.normal(size=(b, L)), jnp.float32),
       jnp.asarray(rng.normal(size=(b, L)), jnp.float32)) for s in pref.SIDES}
   assert float(jnp.max(jnp.abs(rewards["chosen"]))) <= 0.5
@@ -272,7 +273,7 @@ def test_treg_matches_formula(setup):
       r_w, r_l = beta * (pol[k][0] - rf[k][0]), beta * (pol[k][2] - rf[k][2])
       w = 1 / (1 + np.exp(-(r_l - r_w)))
       want.append(sig_loss(r_w - r_l) + alpha * w * sum(reg))
-  ls, denom, _ = pref.treg(policy, tb, ref=ref, beta=beta, alpha=alpha)
+  ls, denom, _ = token_pref.treg(policy, tb, ref=ref, beta=beta, alpha=alpha)
   np.testing.assert_allclose(float(ls / denom), np.mean(want), rtol=2e-5)
 
 
@@ -281,7 +282,7 @@ def test_token_rewards(setup):
   pw, _ = pref.token_logps(policy, batch)
   rw, _ = pref.token_logps(ref, batch)
   mask = batch["chosen_loss_mask"]
-  r = pref.token_rewards(pw, rw, mask, beta=0.1)
+  r = token_pref.token_rewards(pw, rw, mask, beta=0.1)
   np.testing.assert_allclose(np.asarray(r),
                              0.1 * np.asarray(pw - rw) * np.asarray(mask),
                              rtol=1e-6)
@@ -290,7 +291,7 @@ def test_token_rewards(setup):
   p = pref.pairs(batch, pw, pw, rw, rw)
   np.testing.assert_allclose(np.asarray(seq), 0.1 * np.asarray(
       p.logp_w - p.ref_w), rtol=1e-5, atol=1e-7)
-  clipped = pref.token_rewards(pw, rw, mask, beta=1.0, clip=0.05)
+  clipped = token_pref.token_rewards(pw, rw, mask, beta=1.0, clip=0.05)
   assert float(jnp.max(jnp.abs(clipped))) <= 0.05 + 1e-7
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from tests.peft.common import CFG, make_method
 from tunejax import models, tree
-from tunejax.peft import sparse
+from tunejax.peft import sparse, spiel
 
 
 def _np_add_delta(w, idx, vals):
@@ -146,7 +146,7 @@ def test_spiel_update_drops_smallest_and_grows_top_scores():
     smallest = idx[layer][np.argsort(np.abs(vals[layer]))[:2]]
     score[layer, smallest] = 10.0 + layer
   score = score.reshape(lead, d_in, d_out)
-  new_idx, new_vals, rep = jax.device_get(sparse.spiel_update(
+  new_idx, new_vals, rep = jax.device_get(spiel.spiel_update(
       jnp.asarray(idx), jnp.asarray(vals), jnp.asarray(score), jnp.int32(n)))
   for layer in range(lead):
     row = new_idx[layer]
@@ -164,19 +164,19 @@ def test_spiel_update_drops_smallest_and_grows_top_scores():
 def test_spiel_update_n_zero_is_identity():
   idx = jnp.arange(8, dtype=jnp.int32)[None]
   vals = jnp.linspace(-1, 1, 8)[None]
-  out = sparse.spiel_update(idx, vals, jnp.ones((1, 4, 5)), jnp.int32(0))
+  out = spiel.spiel_update(idx, vals, jnp.ones((1, 4, 5)), jnp.int32(0))
   np.testing.assert_array_equal(out[0], idx)
   np.testing.assert_array_equal(out[1], vals)
 
 
 def test_drop_fraction_schedules():
   kw = dict(rate=0.2, first=False)
-  assert sparse.drop_fraction(20, 100, schedule="linear", first=True,
+  assert spiel.drop_fraction(20, 100, schedule="linear", first=True,
                               rate=0.2) == 1.0
   np.testing.assert_allclose(
-      sparse.drop_fraction(25, 100, schedule="linear", **kw), 0.2 * 0.75)
+      spiel.drop_fraction(25, 100, schedule="linear", **kw), 0.2 * 0.75)
   np.testing.assert_allclose(
-      sparse.drop_fraction(25, 100, schedule="cosine", **kw),
+      spiel.drop_fraction(25, 100, schedule="cosine", **kw),
       0.2 * (1 + np.cos(np.pi * 0.25)) / 2)
 
 

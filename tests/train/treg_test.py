@@ -7,7 +7,7 @@ import pytest
 
 from tests.train.helpers import tiny_config
 from tunejax import data, errors, models
-from tunejax.losses import preference as pref
+from tunejax.losses import token_pref
 from tunejax.train import metrics as metrics_lib
 from tunejax.train import preference, setup, tasks, treg
 
@@ -97,8 +97,8 @@ def test_reward_forms_and_config_check():
   rng = np.random.default_rng(0)
   b, w = rng.normal(size=16), rng.normal(size=16)
   np.testing.assert_allclose(
-      pref.contrastive_token_rewards(b, w, form="diff"), b - w, atol=1e-6)
-  np.testing.assert_allclose(pref.contrastive_token_rewards(b, w),
+      token_pref.contrastive_token_rewards(b, w, form="diff"), b - w, atol=1e-6)
+  np.testing.assert_allclose(token_pref.contrastive_token_rewards(b, w),
                              1.0 / (1.0 + np.exp(w - b)) - 0.5, atol=1e-6)
   bad = treg_config(loss={"name": "treg", "treg_reward": "clip"})
   with pytest.raises(errors.ConfigError, match="treg_reward"):

@@ -12,7 +12,8 @@ from tunejax.losses.base import (Head, LossFn, get, names, prompt_keys,
 from tunejax.losses import sft  # noqa: F401  (registers the SFT losses)
 from tunejax.losses import rollout  # noqa: F401  (otr)
 from tunejax.losses import token_select  # noqa: F401  (rho1, sstoken)
-from tunejax.losses import preference  # noqa: F401  (dpo, simpo, orpo, tdpo, treg)
+from tunejax.losses import preference  # noqa: F401  (dpo, simpo, orpo)
+from tunejax.losses import token_pref  # noqa: F401  (tdpo, treg)
 from tunejax.losses.preference import model_inputs
 
 __all__ = ["Head", "LossFn", "get", "model_inputs", "names", "prompt_keys",

@@ -18,7 +18,8 @@ dataset: `tunejax.train.preference`).
 Every loss returns `(Σ_pairs loss, number of pairs, aux)`; the step divides
 once, so accumulation is exactly pair-weighted. Aux `*_sum` entries become
 per-pair means: rewards/chosen, rewards/rejected, rewards/margin,
-rewards/accuracy, logps/chosen, logps/rejected, kl.
+rewards/accuracy, logps/chosen, logps/rejected, kl. Token-level
+objectives (TDPO, T-REG, token-wise rewards) are in `token_pref`.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from tunejax import errors, kernels
+from tunejax import errors
 from tunejax.losses.base import Head, register
-from tunejax.losses.sft import flat_h, target_stats
+from tunejax.losses.sft import target_stats
 
 SIDES = ("chosen", "rejected")
 ROW_KEYS = ("tokens", "positions", "segment_ids")
@@ -63,7 +64,7 @@ def model_inputs(batch):
                for k in ROW_KEYS)
 
 
-def _both(batch, key):
+def both_sides(batch, key):
   return interleave(batch[f"chosen_{key}"], batch[f"rejected_{key}"])
 
 
@@ -73,8 +74,8 @@ def token_logps(head: Head, batch, *, impl: str = "auto"):
   Untrained positions (prompt, padding) are 0. Reuses the SFT loss's
   `target_stats`, i.e. the fused token op (no `[N, V]` logits).
   """
-  flat = {"targets": _both(batch, "targets"),
-          "loss_mask": _both(batch, "loss_mask")}
+  flat = {"targets": both_sides(batch, "targets"),
+          "loss_mask": both_sides(batch, "loss_mask")}
   logp = target_stats(head, flat, impl=impl).logp
   return deinterleave(logp.reshape(flat["targets"].shape))
 
@@ -198,66 +199,11 @@ def orpo_log_odds(p: Pairs):
   return (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
 
 
-def tdpo_objective(p: Pairs, kl_w, kl_l, *, beta: float, alpha: float,
-                   variant: int):
-  """TDPO (Zeng et al., ICML 2024; official `trainers.py::tdpo_loss`):
-    TDPO1  −log σ(β·[u − (D_l − D_w)])
-    TDPO2  −log σ(β·[u − α·(D_l − sg(D_w))])
-  D = Σ_t KL(π_ref(·|s_t) ‖ π_θ(·|s_t)), the sequential KL of a response.
-  """
-  u = (p.logp_w - p.ref_w) - (p.logp_l - p.ref_l)
-  if variant == 1:
-    z = u - (kl_l - kl_w)
-  elif variant == 2:
-    z = u - alpha * (kl_l - jax.lax.stop_gradient(kl_w))
-  else:
-    raise errors.ConfigError(
-        f"config.loss.options.variant={variant!r}: expected 1 or 2")
-  return -jax.nn.log_sigmoid(beta * z)
-
-
-REWARD_FORMS = ("sigmoid", "diff")
-
-
-def contrastive_token_rewards(logp_better, logp_worse, *,
-                              form: str = "sigmoid"):
-  """T-REG token rewards r̂_t = σ(ℓ_t(x_better) − ℓ_t(x_worse)) − 0.5.
-
-  ℓ are the evaluator's (the reference model's) log-probs of the same
-  response tokens under the two contrastive prompts (Zhou et al., ACL 2025,
-  arXiv 2412.02685; reference/verified-formulas.md §8, SECONDARY).
-  `form='diff'` gives the raw contrast ℓ_t(x_better) − ℓ_t(x_worse)
-  (unbounded; the paper's squashed form is the default).
-  """
-  if form == "diff":
-    return logp_better - logp_worse
-  if form != "sigmoid":
-    raise errors.ConfigError(f"T-REG reward form {form!r}: expected one of "
-                             f"{REWARD_FORMS}")
-  return jax.nn.sigmoid(logp_better - logp_worse) - 0.5
-
-
-def token_rewards(logp_policy, logp_ref, mask, *, beta: float = 0.1,
-                  clip: Optional[float] = None):
-  """Token-wise DPO rewards β·(log π_θ(y_t) − log π_ref(y_t)), masked.
-
-  For RL with dense rewards (RTO, Zhong et al. arXiv 2404.18922: a DPO
-  policy's per-token log-ratio scaled by β1 then clipped to ±c, defaults
-  β1 = c = 0.05). Inputs are per-token arrays (e.g. from `token_logps`,
-  or `target_stats(head, batch).logp` on an LM batch); `clip` None = no
-  clip. Returns the same shape, 0 where `mask` is 0.
-  """
-  r = beta * (logp_policy - logp_ref)
-  if clip is not None:
-    r = jnp.clip(r, -clip, clip)
-  return r * mask
-
-
 # ---------------------------------------------------------------------------
 # Registered losses.
 
 
-def _metrics(p: Pairs, r_w, r_l, kl_sum=None):
+def pair_metrics(p: Pairs, r_w, r_l, kl_sum=None):
   """Aux sums over valid pairs (the step divides by the number of pairs)."""
   v = p.valid
   out = {"rewards/chosen_sum": jnp.sum(v * r_w),
@@ -271,7 +217,7 @@ def _metrics(p: Pairs, r_w, r_l, kl_sum=None):
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def _k3_sum(batch, tok_w, tok_l, ref_w, ref_l, valid_pairs):
+def k3_sum(batch, tok_w, tok_l, ref_w, ref_l, valid_pairs):
   """Σ over pairs of ½·(k3 sums of both responses), k3 = e^{−x} − 1 + x with
   x = ℓ_θ − ℓ_ref (Schulman's estimator, on the dataset's responses)."""
   def seq(tok, ref, side):
@@ -282,14 +228,14 @@ def _k3_sum(batch, tok_w, tok_l, ref_w, ref_l, valid_pairs):
                                       + seq(tok_l, ref_l, "rejected")))
 
 
-def _with_ref(policy, batch, ref, name, impl):
+def pairs_with_ref(policy, batch, ref, name, impl):
   tok_w, tok_l = token_logps(policy, batch, impl=impl)
   ref_w, ref_l = ref_token_logps(ref, batch, name, impl=impl)
   return pairs(batch, tok_w, tok_l, ref_w, ref_l), (tok_w, tok_l, ref_w,
                                                     ref_l)
 
 
-def _reduce(p: Pairs, per_pair, aux):
+def reduce_pairs(p: Pairs, per_pair, aux):
   return jnp.sum(p.valid * per_pair), jnp.sum(p.valid), aux
 
 
@@ -303,12 +249,12 @@ def dpo(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
   label_smoothing ε (sigmoid: conservative DPO; robust: rDPO).
   Rewards are β·Δ (TRL's implicit rewards).
   """
-  p, toks = _with_ref(policy, batch, ref, "dpo", impl)
+  p, toks = pairs_with_ref(policy, batch, ref, "dpo", impl)
   per_pair = dpo_objective(p, beta=beta, loss_type=loss_type,
                            label_smoothing=label_smoothing)
   r_w, r_l = beta * (p.logp_w - p.ref_w), beta * (p.logp_l - p.ref_l)
-  return _reduce(p, per_pair, _metrics(p, r_w, r_l,
-                                       _k3_sum(batch, *toks, p.valid)))
+  return reduce_pairs(p, per_pair, pair_metrics(p, r_w, r_l,
+                                       k3_sum(batch, *toks, p.valid)))
 
 
 @register("simpo")
@@ -327,7 +273,7 @@ def simpo(policy: Head, batch, *, ref: Head | None = None, beta: float = 2.0,
                              label_smoothing=label_smoothing)
   r_w = beta * p.logp_w / jnp.maximum(p.len_w, 1.0)
   r_l = beta * p.logp_l / jnp.maximum(p.len_l, 1.0)
-  return _reduce(p, per_pair, _metrics(p, r_w, r_l))
+  return reduce_pairs(p, per_pair, pair_metrics(p, r_w, r_l))
 
 
 @register("orpo")
@@ -349,87 +295,7 @@ def orpo(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
   per_pair = nll - beta * jax.nn.log_sigmoid(log_odds)
   r_w = beta * p.logp_w / jnp.maximum(p.len_w, 1.0)
   r_l = beta * p.logp_l / jnp.maximum(p.len_l, 1.0)
-  aux = _metrics(p, r_w, r_l)
+  aux = pair_metrics(p, r_w, r_l)
   aux["nll_sum"] = jax.lax.stop_gradient(jnp.sum(p.valid * nll))
   aux["log_odds_sum"] = jax.lax.stop_gradient(jnp.sum(p.valid * log_odds))
-  return _reduce(p, per_pair, aux)
-
-
-def sequential_kl(policy: Head, ref: Head, batch, *, impl: str = "auto"):
-  """Per-token full-vocabulary KL(π_ref ‖ π_θ) on response targets,
-  (chosen, rejected) [B, L], via the fused `kernels.token_kl`."""
-  kl = kernels.token_kl(flat_h(policy), policy.w_DxV, flat_h(ref), ref.w_DxV,
-                        direction="forward", softcap=policy.softcap,
-                        impl="naive" if impl == "naive" else "auto")
-  mask = _both(batch, "loss_mask").astype(jnp.float32)
-  return deinterleave(kl.reshape(mask.shape) * mask)
-
-
-@register("tdpo", needs_ref=True)
-def tdpo(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
-         alpha: float = 0.5, variant: int = 2, impl: str = "auto"):
-  """Token-level DPO with the sequential KL (`tdpo_objective`).
-
-  Defaults from the official `config/loss/tdpo.yaml`: β = 0.1, α = 0.5;
-  `variant` 1 or 2 (the function default there is TDPO2). Needs the online
-  reference (full-vocabulary distributions). Rewards are β·(Δ + D) as in
-  the official code; `kl` is the mean of D over both responses.
-  """
-  if ref is None:
-    raise errors.ConfigError(
-        "config.loss.name='tdpo' needs the online reference head (full-"
-        "vocabulary KL): loss.reference='online' with an adapter peft.method")
-  p, _ = _with_ref(policy, batch, ref, "tdpo", impl)
-  kl_tw, kl_tl = sequential_kl(policy, ref, batch, impl=impl)
-  kl_w = pair_sums(kl_tw, batch["chosen_segment_ids"])
-  kl_l = pair_sums(kl_tl, batch["rejected_segment_ids"])
-  per_pair = tdpo_objective(p, kl_w, kl_l, beta=beta, alpha=alpha,
-                            variant=variant)
-  r_w = beta * (p.logp_w - p.ref_w + kl_w)
-  r_l = beta * (p.logp_l - p.ref_l + kl_l)
-  return _reduce(p, per_pair, _metrics(
-      p, r_w, r_l, 0.5 * jnp.sum(p.valid * (kl_w + kl_l))))
-
-
-REG_NORMS = ("sum", "mean")
-
-
-@register("treg", needs_ref=True)
-def treg(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
-         alpha: float = 0.25, reg_norm: str = "sum", impl: str = "auto"):
-  """T-REG: DPO plus token-level reward regularisation.
-
-  L = L_DPO + α·w·(L_REG(y_w) + L_REG(y_l)),
-  L_REG(y) = −Σ_t β·r̂_t·log π_θ(y_t | s_t),
-  w = sg(σ(r_DPO(y_l) − r_DPO(y_w))), r_DPO = β·Δ
-  (Zhou et al., ACL 2025; reference/verified-formulas.md §8: SECONDARY).
-  r̂_t ∈ [−0.5, 0.5] are self-generated token rewards from contrastive
-  prompting of the reference (`contrastive_token_rewards`), given per token
-  as batch keys `chosen_token_rewards` / `rejected_token_rewards`.
-  Options: alpha ∈ {0.1, 0.25, 0.5} in the paper; reg_norm 'sum' (token sum,
-  the formula) or 'mean' (per-response token mean) — the paper's choice is
-  unconfirmed, so both are exposed.
-  """
-  if "chosen_token_rewards" not in batch:
-    raise errors.DataError(
-        "loss 'treg' needs per-token rewards in the batch "
-        "(chosen_token_rewards / rejected_token_rewards)")
-  if reg_norm not in REG_NORMS:
-    raise errors.ConfigError(f"config.loss.options.reg_norm={reg_norm!r}: "
-                             f"expected one of {REG_NORMS}")
-  p, toks = _with_ref(policy, batch, ref, "treg", impl)
-  tok_w, tok_l = toks[0], toks[1]
-  reg_w = pair_sums(-beta * batch["chosen_token_rewards"] * tok_w
-                    * batch["chosen_loss_mask"], batch["chosen_segment_ids"])
-  reg_l = pair_sums(-beta * batch["rejected_token_rewards"] * tok_l
-                    * batch["rejected_loss_mask"],
-                    batch["rejected_segment_ids"])
-  if reg_norm == "mean":
-    reg_w = reg_w / jnp.maximum(p.len_w, 1.0)
-    reg_l = reg_l / jnp.maximum(p.len_l, 1.0)
-  r_w, r_l = beta * (p.logp_w - p.ref_w), beta * (p.logp_l - p.ref_l)
-  w = jax.lax.stop_gradient(jax.nn.sigmoid(r_l - r_w))
-  per_pair = (dpo_objective(p, beta=beta) + alpha * w * (reg_w + reg_l))
-  aux = _metrics(p, r_w, r_l, _k3_sum(batch, *toks, p.valid))
-  aux["reg_sum"] = jax.lax.stop_gradient(jnp.sum(p.valid * (reg_w + reg_l)))
-  return _reduce(p, per_pair, aux)
+  return reduce_pairs(p, per_pair, aux)

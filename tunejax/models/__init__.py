@@ -8,6 +8,6 @@ from tunejax.models.config import ModelConfig, PRESETS, preset
 from tunejax.models.generate import GenerateOutput, generate
 from tunejax.models.hf import load, save_hf
 from tunejax.models.seam import ACT_POINTS, Seam
+from tunejax.models.params import init, param_axes, param_specs
 from tunejax.models.transformer import (
-    forward, hidden, init, logits_from_hidden, param_axes, param_specs,
-    unembedding)
+    forward, hidden, logits_from_hidden, unembedding)

@@ -29,7 +29,7 @@ import numpy as np
 from tunejax import errors
 from tunejax import tree
 from tunejax.models import layers
-from tunejax.models import transformer
+from tunejax.models import params as params_lib
 from tunejax.models.config import ModelConfig
 
 ALIASES = ("gemma3-270m",)
@@ -344,7 +344,7 @@ def params_from_gguf(cfg: ModelConfig, gf: GGUFFile) -> dict:
   arch = gf.metadata.get("general.architecture")
   out_dtype = jnp.dtype(cfg.param_dtype)
   flat = {}
-  for name, spec in transformer.param_specs(cfg).items():
+  for name, spec in params_lib.param_specs(cfg).items():
     if name.startswith("layers/"):
       local = name[len("layers/"):]
       x = np.stack([

@@ -24,7 +24,7 @@ from tunejax import tree as tree_lib
 from tunejax.models import hf_config
 from tunejax.models import safetensors_io
 from tunejax.models.config import ModelConfig
-from tunejax.models.transformer import param_specs
+from tunejax.models.params import param_specs
 
 _INDEX = "model.safetensors.index.json"
 

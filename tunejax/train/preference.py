@@ -34,6 +34,7 @@ from absl import logging
 
 from tunejax import data, errors, losses, sharding
 from tunejax.losses import preference as pref
+from tunejax.losses import token_pref
 from tunejax.train import loop, setup
 from tunejax.train.config import Config, eval_data
 
@@ -50,9 +51,9 @@ def check(cfg: Config):
     raise errors.ConfigError(
         f"config.loss.name: task=dpo needs a preference loss {LOSSES}, got "
         f"{cfg.loss.name!r}")
-  if cfg.loss.treg_reward not in pref.REWARD_FORMS:
+  if cfg.loss.treg_reward not in token_pref.REWARD_FORMS:
     raise errors.ConfigError(
-        f"config.loss.treg_reward: expected one of {pref.REWARD_FORMS}, got "
+        f"config.loss.treg_reward: expected one of {token_pref.REWARD_FORMS}, got "
         f"{cfg.loss.treg_reward!r}")
   if cfg.loss.reference == "precomputed" and cfg.loss.name == "tdpo":
     raise errors.ConfigError(

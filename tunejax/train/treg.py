@@ -8,7 +8,7 @@ worse answer,
 
   r̂_t = σ(log π(y_t | x_better, y_<t) − log π(y_t | x_worse, y_<t)) − 0.5
 
-(`losses.preference.contrastive_token_rewards`; reference/verified-formulas
+(`losses.token_pref.contrastive_token_rewards`; reference/verified-formulas
 §8, SECONDARY: the paper's exact prompt text is not public, so the
 instructions are config fields). The evaluator here is the frozen initial
 model (the DPO reference), so the rewards are one pass over the data before
@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from tunejax import data
 from tunejax.data import packing
 from tunejax.losses import preference as pref
+from tunejax.losses import token_pref
 from tunejax.train import preference, setup
 from tunejax.train.config import Config
 
@@ -147,7 +148,7 @@ class Scorer:
             packed[f"{s}_loss_mask"][r] > 0)
         picked[s].append(lp[r][m])
     if units:  # one call over all tokens (the formula lives in losses)
-      reward = np.asarray(pref.contrastive_token_rewards(
+      reward = np.asarray(token_pref.contrastive_token_rewards(
           np.concatenate(picked["chosen"]),
           np.concatenate(picked["rejected"]), form=self._form), np.float32)
       ends = np.cumsum([len(x) for x in picked["chosen"]])[:-1]
