@@ -141,6 +141,47 @@ def test_lt_sft_selection_is_numpy_topk_of_the_phase1_change():
   assert all(float(jnp.abs(v).max()) == 0 for v in jax.tree.leaves(new.params))
 
 
+def test_lt_sft_global_selection_is_numpy_global_topk():
+  """Global LT-SFT keeps one top-K of |θ1 − θ0| over all matrices (each
+  capped at its slots); inactive slots never train."""
+  peft_cfg = {**LT_SFT["peft"], "lt_sft_global": True, "lt_sft_slack": 3.0}
+  cfg, state, run = _build({**LT_SFT, "peft": peft_cfg})
+  theta1 = run.method.full_finetune(_ctx(cfg, run, (1, 2, 3)), state, 3)
+  new = run.method.on_start(state, _ctx(cfg, run, (1, 2, 3)))
+  extra = tree.flatten(jax.device_get(new.frozen["peft"]))
+  base = tree.flatten(jax.device_get(state.frozen))
+  # numpy: per matrix the top-`slots` candidates, then one global top-K.
+  cands, total = [], 0
+  for m in sorted(theta1):
+    d = np.abs(np.asarray(theta1[m], np.float64) -
+               np.asarray(base[m + "/kernel"], np.float64))
+    d = d.reshape(d.shape[0], -1)
+    slots = extra[m + "/indices"].shape[-1]
+    total += K * d.shape[0]
+    for layer in range(d.shape[0]):
+      top = np.argsort(-d[layer], kind="stable")[:slots]
+      cands += [(d[layer, j], m, layer, j) for j in top]
+  want = {(m, l, j) for _, m, l, j in sorted(cands, key=lambda c: -c[0])
+          [:total]}
+  got = {(m, l, int(j)) for m in theta1
+         for l, (row, act) in enumerate(zip(extra[m + "/indices"],
+                                            extra[m + "/active"]))
+         for j, a in zip(row, act) if a}
+  assert got == want and len(got) == total
+  counts = [int(extra[m + "/active"][l].sum()) for m in theta1
+            for l in range(extra[m + "/active"].shape[0])]
+  assert min(counts) != max(counts)  # really global, not K per matrix
+  step = setup.jit_train_step(run, 1)
+  for i in range(2):
+    b = data.to_global(random_batch(i), run.mesh, run.batch_sharding)
+    new, _ = step(new, b, jax.random.PRNGKey(0))
+  vals = tree.flatten(jax.device_get(new.params))
+  for m in theta1:
+    act = extra[m + "/active"] > 0
+    assert np.all(vals[m + "/values"][~act] == 0)
+    assert np.any(vals[m + "/values"][act] != 0)
+
+
 def test_inactive_entries_never_change_and_state_scales_with_k(spiel):
   _, state, run = spiel  # no events: a static mask
   state = jax.tree.map(jnp.copy, state)  # the step donates its input

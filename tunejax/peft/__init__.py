@@ -21,7 +21,7 @@ __all__ += ["loraplus_lr_groups"]
 from tunejax.peft import moe_lora, qlora  # noqa: E402
 
 # Registers sparse, spiel, lt_sft (sparse deltas) and hft (Half Fine-Tuning).
-from tunejax.peft import hft, masks, merging, sparse  # noqa: E402
+from tunejax.peft import hft, lt_sft, masks, merging, sparse  # noqa: E402
 
 from tunejax.peft.base import EventContext  # noqa: E402
 

@@ -54,6 +54,10 @@ class PeftConfig:
   spiel_schedule: str = "linear"  # linear | cosine decay of p to 0
   spiel_first_full: bool = True  # p = 1 at the first drop/grow (paper)
   lt_sft_steps: int = 100  # LT-SFT: phase-1 full fine-tuning steps
+  # LT-SFT global ranking: one top-K over all matrices (K = the summed
+  # per-matrix budgets); each matrix holds at most slack x its budget.
+  lt_sft_global: bool = False
+  lt_sft_slack: float = 2.0
   hft_every: int = 0  # Half Fine-Tuning: steps per round (0 = one round)
   hft_seed: int = 0
   # Data-driven inits ('eva', 'corda'; see peft/datadriven.py): statistics

@@ -30,7 +30,11 @@ Methods (registry names):
   lt_sft  LT-SFT (Ansell et al. 2022; cambridgeltl/composable-sft): at the
           start, fully fine-tune the targeted matrices for `lt_sft_steps`
           steps (the run's optimizer settings), keep the top-k |θ1 − θ0| per
-          matrix, reset to θ0 and train only those entries.
+          matrix, reset to θ0 and train only those entries. With
+          `lt_sft_global`, one top-K over all matrices (K = Σ budgets, the
+          paper's global variant): shapes stay static, so every matrix has
+          ⌈slack·k⌉ slots and a frozen `active` 0/1 mask; inactive slots get
+          no gradient and stay exactly 0.
   LIFT (`sparse_mask='lift'`, zihanghliu/LIFT): with `lift_every` > 0 the
           mask is re-selected every `lift_every` steps from the current
           weights; the deltas are first folded into the frozen kernels (LIFT
@@ -77,6 +81,13 @@ def add_delta(w: jax.Array, indices: jax.Array, values: jax.Array
   return out.reshape(*lead, d_in, d_out)
 
 
+def active_values(leaves: dict) -> jax.Array:
+  """A module's values, zero on inactive slots (global LT-SFT)."""
+  if "active" not in leaves:
+    return leaves["values"]
+  return leaves["values"] * leaves["active"].astype(leaves["values"].dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseSeam(Seam):
   """Adds the scattered delta to kernels whose adapters hold `values`."""
@@ -84,7 +95,7 @@ class SparseSeam(Seam):
   def linear(self, name, x, kernel, bias, adapters):
     if "values" not in adapters:
       return super().linear(name, x, kernel, bias, adapters)
-    w = add_delta(kernel, adapters["indices"], adapters["values"])
+    w = add_delta(kernel, adapters["indices"], active_values(adapters))
     y = matmul(x, w.astype(x.dtype))
     return y if bias is None else y + bias.astype(x.dtype)
 
@@ -216,11 +227,10 @@ class Sparse(Method):
 
   def merged(self, trainable, frozen):
     flat, idx = tree.flatten(self._base(frozen)), tree.flatten(frozen[EXTRA])
-    for n, v in tree.flatten(trainable).items():
-      m = n[: -len("/values")]
+    for m, leaves in delta_of(trainable, frozen, to_host=False).items():
       w = flat[m + "/kernel"]
-      flat[m + "/kernel"] = add_delta(w, idx[m + "/indices"], v).astype(
-          w.dtype)
+      flat[m + "/kernel"] = add_delta(w, leaves["indices"],
+                                      leaves["values"]).astype(w.dtype)
     return tree.unflatten(flat)
 
   def axes(self, model_axes):
@@ -357,18 +367,17 @@ class Spiel(Sparse):
   regrow = True
 
 
-@register("lt_sft")
-class LtSft(Sparse):
-  """LT-SFT: full FT, top-k |θ1 − θ0| per matrix, reset, sparse FT."""
-
-  @property
-  def mask(self) -> str:
-    return "lt_sft"
-
-
-def delta_of(trainable, frozen) -> dict:
-  """{module: {'indices', 'values'}} host arrays of a sparse state."""
+def delta_of(trainable, frozen, to_host: bool = True) -> dict:
+  """{module: {'indices', 'values'}} of a sparse state (inactive slots'
+  values zeroed), as host arrays unless `to_host` is False."""
   idx = tree.flatten(frozen[EXTRA])
-  return {n[: -len("/values")]: {"indices": jax.device_get(
-      idx[n[: -len("/values")] + "/indices"]), "values": jax.device_get(v)}
-          for n, v in tree.flatten(trainable).items()}
+  get = jax.device_get if to_host else (lambda x: x)
+  out = {}
+  for n, v in tree.flatten(trainable).items():
+    m = n[: -len("/values")]
+    leaves = {"values": v, **{k: idx[f"{m}/{k}"] for k in ("indices",
+                                                           "active")
+                              if f"{m}/{k}" in idx}}
+    out[m] = {"indices": get(leaves["indices"]),
+              "values": get(active_values(leaves))}
+  return out
