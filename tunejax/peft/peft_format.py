@@ -8,8 +8,8 @@ tunejax's A is its transpose), `...lora_B.weight` ([out, r]),
 `base_model.vera_{A,B}` (VeRA, `save_projection`). Layer-stacked tunejax
 leaves become one tensor per layer.
 
-PiSSA and OLoRA train on a residual base W_res = W − s·A0 B0, which PEFT's
-plain loader cannot know. They are exported the way PEFT converts them
+PiSSA, OLoRA and CorDA train on a residual base W_res = W − s·A0 B0, which
+PEFT's plain loader cannot know. They are exported the way PEFT converts them
 (`path_initial_model_for_weight_conversion`): a rank-2r LoRA on the
 original W with A' = [A | A0], B' = [B ; −B0], so W + s·A' B' = W_res + s·A B.
 """
@@ -79,7 +79,8 @@ def adapter_tensors(method, trainable, frozen, model_cfg):
   for name, x in tree.flatten(trainable).items():
     m, leaf = name.rsplit("/", 1)
     per_module[m][leaf] = x
-  residual = cfg.method in ("pissa", "olora")
+  # Residual-base inits (PiSSA, OLoRA, CorDA) keep their initial adapters.
+  residual = "init" in frozen.get("peft", {})
   if residual:
     init = tree.flatten(frozen["peft"]["init"])
     for m, ad in per_module.items():
