@@ -211,7 +211,7 @@ def test_tdpo_kl_and_loss_match_full_logits(setup):
   batch, policy, ref, pol, rf = setup
   lp, lq = np_logp(policy), np_logp(ref)
   kl_tok = np.sum(np.exp(lq) * (lq - lp), -1)  # KL(π_ref ‖ π_θ) per token
-  kl_w, kl_l = token_pref.sequential_kl(policy, ref, batch)
+  kl_w, kl_l = pref.sequential_kl(policy, ref, batch)
   for j, (side, got) in enumerate(zip(pref.SIDES, (kl_w, kl_l))):
     want = kl_tok[j::2] * np.asarray(batch[f"{side}_loss_mask"])
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6)

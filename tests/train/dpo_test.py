@@ -25,7 +25,8 @@ def dpo_config(**kw):
 
 
 def test_dpo_accuracy_and_margin_rise(tmp_path):
-  cfg = dpo_config()
+  cfg = dpo_config(loss={"name": "dpo",
+                         "options": {"beta": 0.5, "kl_metric": True}})
   res = tasks.run(cfg, str(tmp_path))
   rows = metrics_lib.read(str(tmp_path))
   train = [r for r in rows if "loss" in r]
@@ -33,8 +34,11 @@ def test_dpo_accuracy_and_margin_rise(tmp_path):
   for key in ("rewards/chosen", "rewards/rejected", "rewards/margin",
               "rewards/accuracy", "logps/chosen", "logps/rejected", "kl"):
     assert key in train[-1], key
-  # LoRA B = 0 at init: policy == reference, so every reward is 0.
+  # LoRA B = 0 at init: policy == reference, so every reward and the
+  # (exact, full-vocabulary) KL are 0; the KL then grows.
   assert evals[0]["eval/rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+  assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)
+  assert 0 < train[-1]["kl"] < 100 and evals[-1]["eval/kl"] > 1e-3
   assert evals[-1]["eval/rewards/margin"] > 0.25
   assert evals[-1]["eval/rewards/accuracy"] >= 0.75
   assert train[-1]["rewards/margin"] > train[0]["rewards/margin"]

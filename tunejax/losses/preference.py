@@ -18,7 +18,8 @@ dataset: `tunejax.train.preference`).
 Every loss returns `(Σ_pairs loss, number of pairs, aux)`; the step divides
 once, so accumulation is exactly pair-weighted. Aux `*_sum` entries become
 per-pair means: rewards/chosen, rewards/rejected, rewards/margin,
-rewards/accuracy, logps/chosen, logps/rejected, kl. Token-level
+rewards/accuracy, logps/chosen, logps/rejected, and kl (exact sequential
+KL, `kl_metric`). Token-level
 objectives (TDPO, T-REG, token-wise rewards) are in `token_pref`.
 """
 from __future__ import annotations
@@ -28,9 +29,9 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from tunejax import errors
+from tunejax import errors, kernels
 from tunejax.losses.base import Head, register
-from tunejax.losses.sft import target_stats
+from tunejax.losses.sft import flat_h, target_stats
 
 SIDES = ("chosen", "rejected")
 ROW_KEYS = ("tokens", "positions", "segment_ids")
@@ -217,15 +218,27 @@ def pair_metrics(p: Pairs, r_w, r_l, kl_sum=None):
   return jax.tree.map(jax.lax.stop_gradient, out)
 
 
-def k3_sum(batch, tok_w, tok_l, ref_w, ref_l, valid_pairs):
-  """Σ over pairs of ½·(k3 sums of both responses), k3 = e^{−x} − 1 + x with
-  x = ℓ_θ − ℓ_ref (Schulman's estimator, on the dataset's responses)."""
-  def seq(tok, ref, side):
-    x = tok - ref
-    k3 = (jnp.exp(-x) - 1.0 + x) * batch[f"{side}_loss_mask"]
-    return pair_sums(k3, batch[f"{side}_segment_ids"])
-  return 0.5 * jnp.sum(valid_pairs * (seq(tok_w, ref_w, "chosen")
-                                      + seq(tok_l, ref_l, "rejected")))
+def sequential_kl(policy: Head, ref: Head, batch, *, impl: str = "auto"):
+  """Per-token full-vocabulary KL(π_ref ‖ π_θ) on response targets,
+  (chosen, rejected) [B, L], via the fused `kernels.token_kl`."""
+  kl = kernels.token_kl(flat_h(policy), policy.w_DxV, flat_h(ref), ref.w_DxV,
+                        direction="forward", softcap=policy.softcap,
+                        impl="naive" if impl == "naive" else "auto")
+  mask = both_sides(batch, "loss_mask").astype(jnp.float32)
+  return deinterleave(kl.reshape(mask.shape) * mask)
+
+
+def kl_metric_sum(policy: Head, ref: Head | None, batch, valid_pairs,
+                  impl: str):
+  """Σ over pairs of the mean of both responses' sequential KL (exact,
+  full vocabulary; forward only), or None without an online reference."""
+  if ref is None:
+    return None
+  sg = lambda hd: jax.tree.map(jax.lax.stop_gradient, hd)
+  kl_tw, kl_tl = sequential_kl(sg(policy), sg(ref), batch, impl=impl)
+  kl_w = pair_sums(kl_tw, batch["chosen_segment_ids"])
+  kl_l = pair_sums(kl_tl, batch["rejected_segment_ids"])
+  return 0.5 * jnp.sum(valid_pairs * (kl_w + kl_l))
 
 
 def pairs_with_ref(policy, batch, ref, name, impl):
@@ -242,19 +255,22 @@ def reduce_pairs(p: Pairs, per_pair, aux):
 @register("dpo", needs_ref=True)
 def dpo(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
         loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-        impl: str = "auto"):
+        kl_metric: bool = False, impl: str = "auto"):
   """DPO (Rafailov et al. 2023) and its TRL loss types (`dpo_objective`).
 
   Options: beta; loss_type sigmoid | hinge | ipo | robust;
   label_smoothing ε (sigmoid: conservative DPO; robust: rDPO).
-  Rewards are β·Δ (TRL's implicit rewards).
+  Rewards are β·Δ (TRL's implicit rewards). `kl_metric` logs `kl`, the
+  exact full-vocabulary KL(π_ref‖π_θ) per response (one more forward
+  pass over the vocabulary; online reference only).
   """
-  p, toks = pairs_with_ref(policy, batch, ref, "dpo", impl)
+  p, _ = pairs_with_ref(policy, batch, ref, "dpo", impl)
   per_pair = dpo_objective(p, beta=beta, loss_type=loss_type,
                            label_smoothing=label_smoothing)
   r_w, r_l = beta * (p.logp_w - p.ref_w), beta * (p.logp_l - p.ref_l)
-  return reduce_pairs(p, per_pair, pair_metrics(p, r_w, r_l,
-                                       k3_sum(batch, *toks, p.valid)))
+  kl = kl_metric_sum(policy, ref, batch, p.valid, impl) if kl_metric \
+      else None
+  return reduce_pairs(p, per_pair, pair_metrics(p, r_w, r_l, kl))
 
 
 @register("simpo")

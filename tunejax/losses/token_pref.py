@@ -10,13 +10,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from tunejax import errors, kernels
+from tunejax import errors
 from tunejax.losses.base import Head, register
-from tunejax.losses.preference import (Pairs, both_sides, deinterleave,
-                                       dpo_objective, k3_sum, pair_metrics,
-                                       pair_sums, pairs_with_ref,
-                                       reduce_pairs)
-from tunejax.losses.sft import flat_h
+from tunejax.losses.preference import (Pairs, dpo_objective, kl_metric_sum,
+                                       pair_metrics, pair_sums,
+                                       pairs_with_ref, reduce_pairs,
+                                       sequential_kl)
 
 
 def tdpo_objective(p: Pairs, kl_w, kl_l, *, beta: float, alpha: float,
@@ -74,16 +73,6 @@ def token_rewards(logp_policy, logp_ref, mask, *, beta: float = 0.1,
   return r * mask
 
 
-def sequential_kl(policy: Head, ref: Head, batch, *, impl: str = "auto"):
-  """Per-token full-vocabulary KL(π_ref ‖ π_θ) on response targets,
-  (chosen, rejected) [B, L], via the fused `kernels.token_kl`."""
-  kl = kernels.token_kl(flat_h(policy), policy.w_DxV, flat_h(ref), ref.w_DxV,
-                        direction="forward", softcap=policy.softcap,
-                        impl="naive" if impl == "naive" else "auto")
-  mask = both_sides(batch, "loss_mask").astype(jnp.float32)
-  return deinterleave(kl.reshape(mask.shape) * mask)
-
-
 @register("tdpo", needs_ref=True)
 def tdpo(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
          alpha: float = 0.5, variant: int = 2, impl: str = "auto"):
@@ -115,7 +104,8 @@ REG_NORMS = ("sum", "mean")
 
 @register("treg", needs_ref=True)
 def treg(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
-         alpha: float = 0.25, reg_norm: str = "sum", impl: str = "auto"):
+         alpha: float = 0.25, reg_norm: str = "sum", kl_metric: bool = False,
+         impl: str = "auto"):
   """T-REG: DPO plus token-level reward regularisation.
 
   L = L_DPO + α·w·(L_REG(y_w) + L_REG(y_l)),
@@ -127,7 +117,7 @@ def treg(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
   as batch keys `chosen_token_rewards` / `rejected_token_rewards`.
   Options: alpha ∈ {0.1, 0.25, 0.5} in the paper; reg_norm 'sum' (token sum,
   the formula) or 'mean' (per-response token mean) — the paper's choice is
-  unconfirmed, so both are exposed.
+  unconfirmed, so both are exposed. `kl_metric` as in `dpo`.
   """
   if "chosen_token_rewards" not in batch:
     raise errors.DataError(
@@ -149,6 +139,7 @@ def treg(policy: Head, batch, *, ref: Head | None = None, beta: float = 0.1,
   r_w, r_l = beta * (p.logp_w - p.ref_w), beta * (p.logp_l - p.ref_l)
   w = jax.lax.stop_gradient(jax.nn.sigmoid(r_l - r_w))
   per_pair = (dpo_objective(p, beta=beta) + alpha * w * (reg_w + reg_l))
-  aux = pair_metrics(p, r_w, r_l, k3_sum(batch, *toks, p.valid))
+  aux = pair_metrics(p, r_w, r_l, kl_metric_sum(policy, ref, batch, p.valid,
+                                                impl) if kl_metric else None)
   aux["reg_sum"] = jax.lax.stop_gradient(jnp.sum(p.valid * (reg_w + reg_l)))
   return reduce_pairs(p, per_pair, aux)
