@@ -19,8 +19,8 @@ Every loss returns `(Σ_pairs loss, number of pairs, aux)`; the step divides
 once, so accumulation is exactly pair-weighted. Aux `*_sum` entries become
 per-pair means: rewards/chosen, rewards/rejected, rewards/margin,
 rewards/accuracy, logps/chosen, logps/rejected, and kl (exact sequential
-KL, `kl_metric`). Token-level
-objectives (TDPO, T-REG, token-wise rewards) are in `token_pref`.
+KL, `kl_metric`). Token-level objectives (TDPO, T-REG, token-wise rewards)
+are in `token_pref`.
 """
 from __future__ import annotations
 
