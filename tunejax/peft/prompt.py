@@ -118,8 +118,22 @@ def _no_merge(name: str):
       "weights, so there is no merged checkpoint (export the adapter)")
 
 
+class _Virtual(Method):
+  """Methods that add virtual tokens: the base model is their reference,
+  and they have no weight form to merge into."""
+
+  def reference(self, trainable, frozen):
+    del trainable
+    return frozen, None
+
+  def merged(self, trainable, frozen):
+    _no_merge(self.cfg.method)
+
+  has_merged_form = False
+
+
 @register("prompt")
-class SoftPrompt(Method):
+class SoftPrompt(_Virtual):
   """Soft prompt tuning: trainable {'prompt': {'embedding': [N, D]}}."""
 
   def __init__(self, cfg: PeftConfig):
@@ -140,15 +154,6 @@ class SoftPrompt(Method):
   def assemble(self, trainable, frozen, rng=None):
     del rng
     return frozen, {"prompt": trainable["prompt"]}
-
-  def reference(self, trainable, frozen):
-    del trainable
-    return frozen, None
-
-  def merged(self, trainable, frozen):
-    _no_merge(self.cfg.method)
-
-  has_merged_form = False
 
   def export_adapter(self, trainable, frozen, model_cfg, out_dir):
     del frozen
@@ -205,7 +210,7 @@ def dept_lr_groups(lowrank_ratio: float) -> tuple[tuple[str, float], ...]:
 
 
 @register("prefix")
-class Prefix(Method):
+class Prefix(_Virtual):
   """Prefix tuning: trainable {'prefix': {'k', 'v'}} [n_layers, P, G·K], or
   with `prefix_projection` the MLP ('embedding', 'w1', 'b1', 'w2', 'b2')
   that produces them."""
@@ -240,15 +245,6 @@ class Prefix(Method):
   def assemble(self, trainable, frozen, rng=None):
     del rng
     return frozen, {"prefix": prefix_kv(trainable["prefix"], frozen)}
-
-  def reference(self, trainable, frozen):
-    del trainable
-    return frozen, None
-
-  def merged(self, trainable, frozen):
-    _no_merge(self.cfg.method)
-
-  has_merged_form = False
 
   def export_adapter(self, trainable, frozen, model_cfg, out_dir):
     """PEFT form only for text at positions P.. (HF's cache positions)."""
