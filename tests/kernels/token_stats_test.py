@@ -1,4 +1,6 @@
 """token_stats values and gradients vs a float64 torch full-logits reference."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,16 @@ def test_sharded_inputs_on_fake_mesh_match_unsharded():
                        jax.device_put(y, tokens))
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_w_gradient_needs_no_backward_logit_pass():
+  # dh comes from moments streamed in the forward, so a frozen unembedding
+  # costs two matmul passes (logits, moments) and the dw loop is dead code;
+  # a trainable one adds the recompute and dw matmuls.
+  h, w = jnp.ones((64, 16)), jnp.ones((16, 300))
+  y = jnp.zeros((64,), jnp.int32)
+  loss = lambda h, w: kernels.token_stats(
+      h, w, y, impl="xla", block_n=32, block_v=128).logp.sum()
+  for argnums, dots in (((0,), 2), ((0, 1), 4)):
+    hlo = jax.jit(jax.grad(loss, argnums)).lower(h, w).compile().as_text()
+    assert len(re.findall(r" dot\(", hlo)) == dots, argnums

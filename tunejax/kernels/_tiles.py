@@ -179,3 +179,68 @@ def stats_grad(s, cols, ok, y, coef):
   p = jnp.exp(logp)
   g = b + p * (c - e * (logp + ent)) + jnp.where(cols == y, a, 0.0)
   return jnp.where(ok, g, 0.0)
+
+
+# ----------------------------------------------------------------------------
+# Forward-mode dh: with u = ds/dz (1/temperature, times 1 - tanh² under a
+# softcap) and g the `stats_grad` tile,
+#   dh = Σ_v g_v u_v w_v = a·u_y·w_y + b·Σ u w + (c - e·H)·Σ p u w
+#        - e·Σ p log p u w,
+# so streaming the moments Σ p u w (and Σ p log p u w for the entropy,
+# Σ u w for smoothing under a softcap) next to the softmax statistics gives
+# dh for *any* later per-token cotangents without a backward logit pass.
+
+
+class Moments(NamedTuple):
+  """Running `[T, D]` float32 sums over w's columns (None: not needed)."""
+  pw: jax.Array                # Σ exp(s - m) u w
+  plw: jax.Array | None = None  # Σ exp(s - m) (s - m) u w
+  uw: jax.Array | None = None   # Σ u w
+
+
+def init_moments(rows, d, want_plw: bool, want_uw: bool):
+  zeros = lambda: jnp.zeros((rows, d), jnp.float32)
+  return Moments(zeros(), zeros() if want_plw else None,
+                 zeros() if want_uw else None)
+
+
+def update_moments(mo: Moments, m_old, m_new, s, col_ok, w_c,
+                   sc: Scaling) -> Moments:
+  """Folds one tile into the moments; (m_old, m_new) as in `update_stats`.
+
+  `w_c` is the tile's `[D, U]` slice of w. Re-basing on a new max is the
+  same as for the entropy sum of `update_stats`.
+  """
+  _, scale, rel, p_un = online_max(m_old, s, col_ok)
+  u = unscale_grad(jnp.ones_like(s), s, sc)
+  pu = p_un * u
+  pw = mo.pw * scale + matmul_nt(pu, w_c)
+  plw = uw = None
+  if mo.plw is not None:
+    plw = (mo.plw + (m_old - m_new) * mo.pw) * scale + matmul_nt(
+        pu * jnp.where(col_ok, rel, 0.0), w_c)
+  if mo.uw is not None:
+    uw = mo.uw + matmul_nt(jnp.where(col_ok, u, 0.0), w_c)
+  return Moments(pw, plw, uw)
+
+
+def finalize_moments(mo: Moments, st: Stats) -> Moments:
+  """-> (Σ p u w, Σ p log p u w, Σ u w) with p the final softmax."""
+  pw = mo.pw / st.l
+  plw = None if mo.plw is None else mo.plw / st.l - jnp.log(st.l) * pw
+  return Moments(pw, plw, mo.uw)
+
+
+def moments_dh(coef, mo: Moments, w_y, u_y, uw):
+  """dh `[N, D]` float32 from `stats_coefs` rows and finalized moments.
+
+  `w_y` `[N, D]` are the target columns of w, `u_y` `[N, 1]` their ds/dz,
+  `uw` the Σ u w term (`[N, D]`, `[1, D]`, or None when no smoothing).
+  """
+  a, b, c, e, ent = (coef[:, k:k + 1] for k in (A, B, C, E, ENT))
+  dh = a * u_y * w_y + (c - e * ent) * mo.pw
+  if mo.plw is not None:
+    dh = dh - e * mo.plw
+  if uw is not None:
+    dh = dh + b * uw
+  return dh

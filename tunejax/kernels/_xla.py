@@ -86,7 +86,8 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
     pairs: tuple of (h_NxD, w_DxV).
     rows: per-token arrays `[N, k]` (padded rows get -1).
     init: rows -> carry pytree of `[rows, ...]` arrays.
-    fold: (carry, z_tiles, cols, col_ok, row_blocks) -> carry, on a block.
+    fold: (carry, z_tiles, cols, col_ok, row_blocks, w_chunks) -> carry, on
+      a block (`w_chunks`: each pair's `[D, block_v]` slice of w).
     finish: (carry, rows) -> tuple of `[N, ...]` outputs.
     block_n, block_v: tile sizes.
 
@@ -110,7 +111,7 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
       t0 = i * bn
       z = _logits(_take_rows(hs, t0, bn), w_cs)
       part = fold(_take_rows(state, t0, bn), z, cols, cols >= own,
-                  _take_rows(rs, t0, bn))
+                  _take_rows(rs, t0, bn), w_cs)
       return _put_rows(state, part, t0)
 
     return jax.lax.fori_loop(0, n_blocks, token_block, state), ws
@@ -121,8 +122,12 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
 
 
 def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
-             block_n: int, block_v: int):
+             block_n: int, block_v: int, want_dh: bool = True):
   """Recomputes logit tiles and accumulates (dh, dw) of the first pair.
+
+  With `want_dh=False` (the caller has dh already) dh is returned as None
+  and the loop does only the dw matmuls, so when dw is unused too the whole
+  loop is dead code for XLA.
 
   Args:
     pairs: tuple of (h_NxD, w_DxV); gradients flow to pairs[0] only.
@@ -159,9 +164,10 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
       # A chunk sums over all tokens, so its dw columns are complete even
       # where it overlaps the previous chunk (rewritten with equal values);
       # dh must count those overlap columns only once.
-      g_own = jnp.where(cols >= own, g, 0.0)
-      dh_b = _take_rows(dh, t0, bn) + _tiles.matmul_nt(g_own, w_cs[0])
-      dh = _put_rows(dh, dh_b, t0)
+      if want_dh:
+        g_own = jnp.where(cols >= own, g, 0.0)
+        dh_b = _take_rows(dh, t0, bn) + _tiles.matmul_nt(g_own, w_cs[0])
+        dh = _put_rows(dh, dh_b, t0)
       return dh, dw_c + _tiles.matmul_tn(h_b[0], g)
 
     dw_c = jnp.zeros(w_cs[0].shape, jnp.float32)
@@ -170,8 +176,8 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
                                              axis=1)
     return dh, dw, ws
 
-  dh0 = jnp.zeros((n_pad, h.shape[1]), jnp.float32)
+  dh0 = jnp.zeros((n_pad, h.shape[1]) if want_dh else (), jnp.float32)
   dw0 = jnp.zeros(w.shape, w.dtype)
   ws = tuple(w for _, w in pairs)
   dh, dw, _ = jax.lax.fori_loop(0, v_blocks, vocab_chunk, (dh0, dw0, ws))
-  return dh[:n].astype(h.dtype), dw
+  return (dh[:n].astype(h.dtype) if want_dh else None), dw

@@ -89,7 +89,7 @@ def _forward(h, w, h_ref, w_ref, cfg: _Cfg):
     st = _tiles.init_stats(rows)
     return _Acc(st.m, st.l, st.m, st.l, st.l)
 
-  def fold(acc, z, cols, col_ok, rows):
+  def fold(acc, z, cols, col_ok, rows, _):
     del cols, rows
     s_p = _tiles.scale_logits(z[0], cfg.scaling)
     s_q = _tiles.scale_logits(z[1], cfg.scaling)

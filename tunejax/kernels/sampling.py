@@ -41,7 +41,7 @@ def sample_candidates(h_NxD, w_DxV, rng, k, *, temperature=1.0, softcap=None,
     return (st.m, st.l, jnp.full((rows, k), -jnp.inf, jnp.float32),
             jnp.zeros((rows, k), jnp.float32), jnp.zeros((rows, k), jnp.int32))
 
-  def fold(carry, z, cols, col_ok, rows):
+  def fold(carry, z, cols, col_ok, rows, _):
     m, l, top, top_s, top_ids = carry
     s = _tiles.scale_logits(z[0], sc)
     m, scale, _, e = _tiles.online_max(m, s, col_ok)

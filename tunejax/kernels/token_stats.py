@@ -135,21 +135,56 @@ def token_stats(h_NxD, w_DxV, targets_N, *, softcap=None, temperature=1.0,
 # (dh, dw).
 
 
-def _xla_forward(h, w, y, cfg: Config):
-  def fold(st, z, cols, col_ok, rows):
+def _xla_forward(h, w, y, cfg: Config, moments: bool = False):
+  """[N, 4] stats; with `moments`, also the finalized `_tiles.Moments`."""
+  want_uw = moments and cfg.want_smooth and cfg.scaling.softcap is not None
+
+  def init(rows):
+    mo = (_tiles.init_moments(rows, h.shape[1], cfg.want_entropy, want_uw)
+          if moments else None)
+    return _tiles.init_stats(rows), mo
+
+  def fold(carry, z, cols, col_ok, rows, w_cs):
+    st, mo = carry
     s = _tiles.scale_logits(z[0], cfg.scaling)
-    return _tiles.update_stats(st, s, cols, col_ok, rows[0])
+    new = _tiles.update_stats(st, s, cols, col_ok, rows[0])
+    if mo is not None:
+      mo = _tiles.update_moments(mo, st.m, new.m, s, col_ok, w_cs[0],
+                                 cfg.scaling)
+    return new, mo
 
-  def finish(st, rows):
-    return (jnp.concatenate(
-        _tiles.finalize_stats(st, rows[0], w.shape[1]), axis=1),)
+  def finish(carry, rows):
+    st, mo = carry
+    out = jnp.concatenate(_tiles.finalize_stats(st, rows[0], w.shape[1]),
+                          axis=1)
+    if mo is None:
+      return (out,)
+    return (out,) + tuple(x for x in _tiles.finalize_moments(mo, st)
+                          if x is not None)
 
-  (out,) = _xla.forward(((h, w),), (y[:, None],), _tiles.init_stats, fold,
-                        finish, block_n=cfg.block_n, block_v=cfg.block_v)
-  return out
+  out = _xla.forward(((h, w),), (y[:, None],), init, fold, finish,
+                     block_n=cfg.block_n, block_v=cfg.block_v)
+  if not moments:
+    return out[0]
+  mo = iter(out[1:])
+  return out[0], _tiles.Moments(next(mo), next(mo) if cfg.want_entropy
+                                else None, next(mo) if want_uw else None)
 
 
-def _xla_backward(h, w, y, coef, cfg: Config):
+def _moments_dh(h, w, y, coef, out, mo: _tiles.Moments, cfg: Config):
+  """dh from the forward's moments (see `_tiles.moments_dh`)."""
+  y_ok = jnp.maximum(y, 0)
+  w_y = jnp.take(w, y_ok, axis=1).T.astype(jnp.float32)
+  s_y = (out[:, 0] + out[:, 1])[:, None]  # logp + lse = target's s
+  u_y = _tiles.unscale_grad(jnp.ones_like(s_y), s_y, cfg.scaling)
+  uw = mo.uw
+  if cfg.want_smooth and uw is None:  # no softcap: u is the constant 1/T
+    uw = jnp.sum(w.astype(jnp.float32), axis=1)[None] / (
+        cfg.scaling.temperature)
+  return _tiles.moments_dh(coef, mo, w_y, u_y, uw).astype(h.dtype)
+
+
+def _xla_backward(h, w, y, coef, cfg: Config, want_dh: bool = True):
   def grad(z, cols, ok, rows):
     s = _tiles.scale_logits(z[0], cfg.scaling)
     g = _tiles.stats_grad(s, cols, ok, rows[0], rows[1])
@@ -177,19 +212,28 @@ def _op(h, w, y, cfg):
 
 
 def _op_fwd(h, w, y, cfg):
-  out = _op(h, w, y, cfg)
-  # Only per-token scalars are saved besides the inputs.
-  return out, (h, w, y, out[1], out[2])
+  # Only per-token scalars (and, on the XLA path, the [N, D] moments that
+  # give dh without a backward logit pass) are saved besides the inputs.
+  if cfg.impl != "xla":
+    out = _op(h, w, y, cfg)
+    return out, (h, w, y, jnp.stack(out, axis=1), None)
+  out, mo = _xla_forward(h, w, y, cfg, moments=True)
+  return tuple(out[:, i] for i in range(4)), (h, w, y, out, mo)
 
 
 def _op_bwd(cfg, res, ct):
-  h, w, y, lse, entropy = res
+  h, w, y, out, mo = res
   # Outputs the caller dropped arrive as zero cotangents.
   g_logp, g_lse, g_ent, g_smooth = ct
-  coef = _tiles.stats_coefs(g_logp, g_lse, g_ent, g_smooth, y >= 0, lse,
-                            entropy, w.shape[1])
-  dh, dw = _impl(cfg)[1](h, w, y, coef, cfg)
-  return dh, dw, None
+  coef = _tiles.stats_coefs(g_logp, g_lse, g_ent, g_smooth, y >= 0,
+                            out[:, 1], out[:, 2], w.shape[1])
+  if mo is None:
+    dh, dw = _impl(cfg)[1](h, w, y, coef, cfg)
+    return dh, dw, None
+  # dw alone needs the logit tiles again; when w is frozen XLA drops that
+  # loop, leaving two matmul passes in all (forward logits and moments).
+  _, dw = _xla_backward(h, w, y, coef, cfg, want_dh=False)
+  return _moments_dh(h, w, y, coef, out, mo, cfg), dw, None
 
 
 _op.defvjp(_op_fwd, _op_bwd)

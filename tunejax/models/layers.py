@@ -6,6 +6,7 @@ second half of the head dimension), softmax runs in float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -111,28 +112,101 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   q = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
       b, g, r * l, k)
   scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-  scores = []
-  for kb, _, mask in blocks:
-    s = jnp.einsum("bgmk,bgsk->bgms", q, kb.astype(q.dtype),
-                   preferred_element_type=jnp.float32) * scale
-    s = s.reshape(b, g, r, l, -1)
-    if cfg.attn_softcap is not None:
-      s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-    scores.append(jnp.where(mask[:, None, None], s, _MASK_VALUE))
+  if len(blocks) == 1 and probe_BxS is None:
+    kb, vb, mask = blocks[0]
+    o = _attend(q, kb.astype(q.dtype), vb.astype(q.dtype), mask, scale,
+                cfg.attn_softcap)
+    return _heads_last(o, b, l, g, r)
+  scores = [_scores(q, kb.astype(q.dtype), mask, scale, cfg.attn_softcap)[0]
+            for kb, _, mask in blocks]
   p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
   o, start = 0, 0
   for kb, vb, _ in blocks:
     pb = p[..., start:start + kb.shape[2]].astype(q.dtype)
-    o = o + jnp.einsum("bgms,bgsk->bgmk", pb.reshape(b, g, r * l, -1),
+    o = o + jnp.einsum("bgms,bgsk->bgmk", pb,
                        vb.astype(q.dtype))
     start += kb.shape[2]
-  o = o.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4)
-  o = o.reshape(b, l, h, k)
+  o = _heads_last(o, b, l, g, r)
   if probe_BxS is None:
     return o
-  p_own = p[..., p.shape[-1] - probe_BxS.shape[1]:]
+  p_own = p[..., p.shape[-1] - probe_BxS.shape[1]:].reshape(b, g, r, l, -1)
   mass = jnp.einsum("bgrls,bs->bl", p_own, probe_BxS.astype(jnp.float32))
   return o, mass / h
+
+
+def _heads_last(o_BxGxMxK, b: int, l: int, g: int, r: int) -> jax.Array:
+  """[B, G, R·L, K] -> [B, L, H, K]."""
+  k = o_BxGxMxK.shape[-1]
+  o = o_BxGxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4)
+  return o.reshape(b, l, g * r, k)
+
+
+def _scores(q_BxGxMxK, k_BxGxSxK, mask_BxLxS, scale: float,
+            softcap: float | None):
+  """Masked float32 scores [B, G, M, S] and tanh(s/cap) (None without cap)."""
+  s = jnp.einsum("bgmk,bgsk->bgms", q_BxGxMxK, k_BxGxSxK,
+                 preferred_element_type=jnp.float32) * scale
+  t = None
+  if softcap is not None:
+    t = jnp.tanh(s / softcap)
+    s = t * softcap
+  b, g, m, n = s.shape
+  l = mask_BxLxS.shape[1]
+  s = jnp.where(mask_BxLxS[:, None, None], s.reshape(b, g, m // l, l, n),
+                _MASK_VALUE)
+  return s.reshape(b, g, m, n), t
+
+
+def _attend_fwd(q, k, v, mask, scale, softcap):
+  s, _ = _scores(q, k, mask, scale, softcap)
+  mx = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - mx)
+  den = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("bgms,bgsk->bgmk", p.astype(q.dtype), v,
+                 preferred_element_type=jnp.float32) / den
+  o = o.astype(q.dtype)
+  return o, (q, k, v, mask, o, mx, den)
+
+
+def _attend_bwd(scale, softcap, res, do):
+  q, k, v, mask, o, mx, den = res
+  s, t = _scores(q, k, mask, scale, softcap)
+  p = jnp.exp(s - mx) / den
+  f32 = jnp.float32
+  dv = jnp.einsum("bgms,bgmk->bgsk", p.astype(q.dtype), do,
+                  preferred_element_type=f32)
+  dp = jnp.einsum("bgmk,bgsk->bgms", do, v, preferred_element_type=f32)
+  delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
+  ds = p * (dp - delta)
+  if t is not None:  # d(cap·tanh(x/cap))/dx
+    ds = ds * (1 - t * t)
+  # Masked scores are constants: no gradient (matters for fully masked
+  # rows, whose probabilities are uniform rather than 0).
+  b, g, m, n = ds.shape
+  l = mask.shape[1]
+  ds = jnp.where(mask[:, None, None], ds.reshape(b, g, m // l, l, n), 0)
+  ds = (ds.reshape(b, g, m, n) * scale).astype(q.dtype)
+  dq = jnp.einsum("bgms,bgsk->bgmk", ds, k, preferred_element_type=f32)
+  dk = jnp.einsum("bgms,bgmk->bgsk", ds, q, preferred_element_type=f32)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q_BxGxMxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS, scale: float,
+            softcap: float | None):
+  """Softmax attention for one key block, memory-lean in the backward.
+
+  Only q, k, v, o and the per-query max and normaliser are kept; the
+  backward recomputes the scores (as FlashAttention does), so no
+  [M, S]-sized residual is stored per layer: under a layer scan those
+  residuals were the dominant bytes written and zero-filled each step.
+  Masked entries get probability exactly 0 and no gradient.
+  """
+  return _attend_fwd(q_BxGxMxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS, scale,
+                     softcap)[0]
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def mlp_activation(name: str, x: jax.Array) -> jax.Array:
