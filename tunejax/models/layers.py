@@ -6,7 +6,6 @@ second half of the head dimension), softmax runs in float32.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -14,10 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tunejax import errors
+from tunejax.models import attend as attend_lib
 from tunejax.models.config import ModelConfig
 
-# A finite "-inf" keeps fully masked rows (padding queries) NaN-free.
-_MASK_VALUE = -1e30
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float,
@@ -89,7 +87,7 @@ def attention_mask(q_idx_L: jax.Array, k_idx_S: jax.Array,
 
 
 def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
-              probe_BxS: jax.Array | None = None):
+              probe_BxS: jax.Array | None = None, causal: bool = False):
   """Grouped-query attention over key/value blocks -> [B, L, H, K].
 
   `blocks` is a sequence of (k [B, G, S, K], v [B, G, S, K], mask
@@ -98,6 +96,9 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   read, never copied, inside the layer. The head-major key layout makes
   the score/value contractions plain batched matmuls (3x faster decode
   attention on CPU than [B, S, G, K]).
+
+  `causal`: a single block's mask is causal by index (self-attention
+  without a cache), so the masked upper triangle can be skipped.
 
   With `probe_BxS` (weights over the last block's keys), returns
   (out, mass_BxL): each query's head-averaged attention probability mass
@@ -114,11 +115,13 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
   if len(blocks) == 1 and probe_BxS is None:
     kb, vb, mask = blocks[0]
-    o = _attend(q, kb.astype(q.dtype), vb.astype(q.dtype), mask, scale,
-                cfg.attn_softcap)
+    o = attend_lib.attend(
+        q, kb.astype(q.dtype), vb.astype(q.dtype), mask, scale=scale,
+        softcap=cfg.attn_softcap,
+        causal_block=attend_lib.causal_block(l) if causal else None)
     return _heads_last(o, b, l, g, r)
-  scores = [_scores(q, kb.astype(q.dtype), mask, scale, cfg.attn_softcap)[0]
-            for kb, _, mask in blocks]
+  scores = [attend_lib.scores(q, kb.astype(q.dtype), mask, scale,
+                              cfg.attn_softcap)[0] for kb, _, mask in blocks]
   p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
   o, start = 0, 0
   for kb, vb, _ in blocks:
@@ -139,74 +142,6 @@ def _heads_last(o_BxGxMxK, b: int, l: int, g: int, r: int) -> jax.Array:
   k = o_BxGxMxK.shape[-1]
   o = o_BxGxMxK.reshape(b, g, r, l, k).transpose(0, 3, 1, 2, 4)
   return o.reshape(b, l, g * r, k)
-
-
-def _scores(q_BxGxMxK, k_BxGxSxK, mask_BxLxS, scale: float,
-            softcap: float | None):
-  """Masked float32 scores [B, G, M, S] and tanh(s/cap) (None without cap)."""
-  s = jnp.einsum("bgmk,bgsk->bgms", q_BxGxMxK, k_BxGxSxK,
-                 preferred_element_type=jnp.float32) * scale
-  t = None
-  if softcap is not None:
-    t = jnp.tanh(s / softcap)
-    s = t * softcap
-  b, g, m, n = s.shape
-  l = mask_BxLxS.shape[1]
-  s = jnp.where(mask_BxLxS[:, None, None], s.reshape(b, g, m // l, l, n),
-                _MASK_VALUE)
-  return s.reshape(b, g, m, n), t
-
-
-def _attend_fwd(q, k, v, mask, scale, softcap):
-  s, _ = _scores(q, k, mask, scale, softcap)
-  mx = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.exp(s - mx)
-  den = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bgms,bgsk->bgmk", p.astype(q.dtype), v,
-                 preferred_element_type=jnp.float32) / den
-  o = o.astype(q.dtype)
-  return o, (q, k, v, mask, o, mx, den)
-
-
-def _attend_bwd(scale, softcap, res, do):
-  q, k, v, mask, o, mx, den = res
-  s, t = _scores(q, k, mask, scale, softcap)
-  p = jnp.exp(s - mx) / den
-  f32 = jnp.float32
-  dv = jnp.einsum("bgms,bgmk->bgsk", p.astype(q.dtype), do,
-                  preferred_element_type=f32)
-  dp = jnp.einsum("bgmk,bgsk->bgms", do, v, preferred_element_type=f32)
-  delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
-  ds = p * (dp - delta)
-  if t is not None:  # d(cap·tanh(x/cap))/dx
-    ds = ds * (1 - t * t)
-  # Masked scores are constants: no gradient (matters for fully masked
-  # rows, whose probabilities are uniform rather than 0).
-  b, g, m, n = ds.shape
-  l = mask.shape[1]
-  ds = jnp.where(mask[:, None, None], ds.reshape(b, g, m // l, l, n), 0)
-  ds = (ds.reshape(b, g, m, n) * scale).astype(q.dtype)
-  dq = jnp.einsum("bgms,bgsk->bgmk", ds, k, preferred_element_type=f32)
-  dk = jnp.einsum("bgms,bgmk->bgsk", ds, q, preferred_element_type=f32)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q_BxGxMxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS, scale: float,
-            softcap: float | None):
-  """Softmax attention for one key block, memory-lean in the backward.
-
-  Only q, k, v, o and the per-query max and normaliser are kept; the
-  backward recomputes the scores (as FlashAttention does), so no
-  [M, S]-sized residual is stored per layer: under a layer scan those
-  residuals were the dominant bytes written and zero-filled each step.
-  Masked entries get probability exactly 0 and no gradient.
-  """
-  return _attend_fwd(q_BxGxMxK, k_BxGxSxK, v_BxGxSxK, mask_BxLxS, scale,
-                     softcap)[0]
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def mlp_activation(name: str, x: jax.Array) -> jax.Array:
