@@ -214,3 +214,38 @@ def test_frozen_w_gradient_needs_no_backward_logit_pass():
   for argnums, dots in (((0,), 2), ((0, 1), 4)):
     hlo = jax.jit(jax.grad(loss, argnums)).lower(h, w).compile().as_text()
     assert len(re.findall(r" dot\(", hlo)) == dots, argnums
+
+
+@pytest.mark.parametrize("impl", ["xla", "naive"])
+def test_vocab_major_w_equals_transposed(impl):
+  # A tied embedding table [V, D] is read as is (vocab_axis=0): same stats
+  # and gradients as its [D, V] transpose, incl. dw in the [V, D] layout.
+  rs = np.random.RandomState(1)
+  h = jnp.asarray(rs.randn(40, 8), jnp.float32)
+  w_vd = jnp.asarray(rs.randn(300, 8) * 0.3, jnp.float32)
+  y = jnp.asarray(rs.randint(-1, 300, 40), jnp.int32)
+
+  def loss(h, w, axis):
+    st = kernels.token_stats(h, w, y, impl=impl, want_entropy=True,
+                             label_smoothing=0.1, softcap=3.0,
+                             block_n=16, block_v=128, vocab_axis=axis)
+    return jnp.sum(st.logp * 1.3 - 0.2 * st.lse + 0.1 * st.entropy
+                   + 0.5 * st.smooth)
+
+  got = jax.value_and_grad(loss, (0, 1))(h, w_vd, 0)
+  want = jax.value_and_grad(loss, (0, 1))(h, w_vd.T, 1)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1][0], want[1][0], atol=1e-5)
+  np.testing.assert_allclose(got[1][1], want[1][1].T, atol=1e-5)
+
+
+def test_vocab_major_w_makes_no_transposed_copy():
+  # 16 MiB table: the compiled gradient (frozen w) holds no copy of it.
+  h = jax.ShapeDtypeStruct((512, 64), jnp.float32)
+  w = jax.ShapeDtypeStruct((65536, 64), jnp.float32)
+  y = jax.ShapeDtypeStruct((512,), jnp.int32)
+  loss = lambda h, w, y: kernels.token_stats(
+      h, w, y, impl="xla", vocab_axis=0, block_n=128,
+      block_v=2048).logp.sum()
+  mem = jax.jit(jax.grad(loss)).lower(h, w, y).compile().memory_analysis()
+  assert mem.temp_size_in_bytes < 65536 * 64 * 4 / 2, mem.temp_size_in_bytes

@@ -102,7 +102,7 @@ def setup():
   b = batch["chosen_tokens"].shape[0]
   policy, ref = make_head(1, b), make_head(2, b)
   ref = ref._replace(h_BxLxD=policy.h_BxLxD + 0.3 * ref.h_BxLxD,
-                     w_DxV=policy.w_DxV)
+                     w=policy.w)
   pol, _ = np_pairs(batch, policy)
   rf, _ = np_pairs(batch, ref)
   jb = {k: jnp.asarray(v) for k, v in batch.items()}

@@ -41,8 +41,11 @@ def _vocab_chunk(j, v, block_v):
   return jnp.minimum(own, v - block_v), own
 
 
-def _w_chunk(w, v0, block_v):
-  return jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=1)
+def _w_chunk(w, v0, block_v, vocab_axis):
+  """A `[D, block_v]` chunk; of a `[V, D]` w, a transposed row slice (XLA
+  folds the transpose into the matmuls)."""
+  c = jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=vocab_axis)
+  return c if vocab_axis == 1 else c.T
 
 
 def _opaque(ws):
@@ -51,13 +54,17 @@ def _opaque(ws):
   XLA:CPU cannot dynamic-slice bf16, so it upcasts the sliced operand; if w
   is loop-invariant, that upcast of the *whole* w is hoisted out of the loop
   (a full f32 copy of the unembedding). Behind a barrier the upcast stays
-  fused with the slice, at chunk size. Elsewhere the barrier is an identity.
+  fused with the slice, at chunk size. Only for non-f32 weights: a barrier
+  also makes XLA copy a loop-carried w that is live after the loop (a full
+  extra unembedding per loop), which f32 weights do not need.
   """
+  if all(w.dtype == jnp.float32 for w in ws):
+    return ws
   return jax.lax.optimization_barrier(ws)
 
 
-def _chunks(ws, v0, block_v):
-  return tuple(_w_chunk(w, v0, block_v) for w in ws)
+def _chunks(ws, v0, block_v, vocab_axis):
+  return tuple(_w_chunk(w, v0, block_v, vocab_axis) for w in ws)
 
 
 def _logits(hs, w_chunks):
@@ -76,14 +83,15 @@ def _put_rows(tree, part, t0):
 
 
 def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
-            finish: Callable, *, block_n: int, block_v: int):
+            finish: Callable, *, block_n: int, block_v: int,
+            vocab_axis: int = 1):
   """Streams vocabulary chunks (outer loop) over token blocks (inner loop).
 
   Vocabulary-outer order reads (and, on CPU, upcasts) each w chunk once;
   the per-token running state of all tokens is only `[N, k]`.
 
   Args:
-    pairs: tuple of (h_NxD, w_DxV).
+    pairs: tuple of (h_NxD, w_DxV) (w_VxD with `vocab_axis=0`).
     rows: per-token arrays `[N, k]` (padded rows get -1).
     init: rows -> carry pytree of `[rows, ...]` arrays.
     fold: (carry, z_tiles, cols, col_ok, row_blocks, w_chunks) -> carry, on
@@ -94,7 +102,7 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
   Returns:
     finish's outputs, cut to N rows.
   """
-  n, v = pairs[0][0].shape[0], pairs[0][1].shape[1]
+  n, v = pairs[0][0].shape[0], pairs[0][1].shape[vocab_axis]
   bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
   n_pad = n_blocks * bn
   hs = tuple(_pad_rows(h, n_pad) for h, _ in pairs)
@@ -104,7 +112,7 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
     state, ws = carry
     ws = _opaque(ws)
     v0, own = _vocab_chunk(j, v, bv)
-    w_cs = _chunks(ws, v0, bv)
+    w_cs = _chunks(ws, v0, bv, vocab_axis)
     cols = _tiles.col_ids((1, bv), v0)
 
     def token_block(i, state):
@@ -122,7 +130,8 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
 
 
 def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
-             block_n: int, block_v: int, want_dh: bool = True):
+             block_n: int, block_v: int, want_dh: bool = True,
+             vocab_axis: int = 1):
   """Recomputes logit tiles and accumulates (dh, dw) of the first pair.
 
   With `want_dh=False` (the caller has dh already) dh is returned as None
@@ -140,7 +149,7 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
     (dh_NxD, dw_DxV) in the dtypes of pairs[0].
   """
   h, w = pairs[0]
-  n, v = h.shape[0], w.shape[1]
+  n, v = h.shape[0], w.shape[vocab_axis]
   bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
   n_pad = n_blocks * bn
   hs = tuple(_pad_rows(x, n_pad) for x, _ in pairs)
@@ -151,7 +160,7 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
     dh, dw, ws = carry
     ws = _opaque(ws)
     v0, own = _vocab_chunk(j, v, bv)
-    w_cs = _chunks(ws, v0, bv)
+    w_cs = _chunks(ws, v0, bv, vocab_axis)
     cols = _tiles.col_ids((1, bv), v0)
 
     def token_block(i, inner):
@@ -172,8 +181,9 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
 
     dw_c = jnp.zeros(w_cs[0].shape, jnp.float32)
     dh, dw_c = jax.lax.fori_loop(0, n_blocks, token_block, (dh, dw_c))
+    dw_c = dw_c if vocab_axis == 1 else dw_c.T
     dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0,
-                                             axis=1)
+                                             axis=vocab_axis)
     return dh, dw, ws
 
   dh0 = jnp.zeros((n_pad, h.shape[1]) if want_dh else (), jnp.float32)

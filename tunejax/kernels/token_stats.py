@@ -49,6 +49,7 @@ class Config(NamedTuple):
   block_n: int
   block_v: int
   interpret: bool
+  vocab_axis: int = 1  # of w: 1 for [D, V], 0 for [V, D]
 
 
 # Default tiles per implementation: (block_n, block_v). XLA: an 8 MiB f32
@@ -88,15 +89,17 @@ def make_config(impl="auto", *, softcap=None, temperature=1.0,
       block_v or default_v, bool(interpret))
 
 
-def token_stats(h_NxD, w_DxV, targets_N, *, softcap=None, temperature=1.0,
+def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
                 ignore_index=-1, want_entropy=False, label_smoothing=0.0,
                 impl="auto", block_v=None, block_n=None,
-                interpret=None) -> TokenStats:
+                interpret=None, vocab_axis: int = 1) -> TokenStats:
   """Per-token statistics of softmax(softcap(h @ w) / temperature).
 
   Args:
     h_NxD: final hidden states (any float dtype; bf16 is accumulated in f32).
-    w_DxV: unembedding.
+    w: unembedding, `[D, V]`, or `[V, D]` with `vocab_axis=0` (a tied
+      embedding table as it is: no transposed copy of it is made on the
+      XLA path).
     targets_N: int target ids; `ignore_index` (and any negative id) marks
       tokens without a target: their logp is 0 and gets no gradient.
     softcap: final-logit soft cap (Gemma 2), or None.
@@ -110,6 +113,7 @@ def token_stats(h_NxD, w_DxV, targets_N, *, softcap=None, temperature=1.0,
       'pallas_gpu', or 'naive' (materialises logits; reference/baseline).
     block_v, block_n: tile sizes (defaults per implementation, `BLOCKS`).
     interpret: run Pallas bodies in interpret mode (default: on CPU).
+    vocab_axis: which axis of w indexes the vocabulary.
 
   Returns:
     TokenStats of float32 `[N]` arrays, differentiable w.r.t. h and w.
@@ -119,11 +123,17 @@ def token_stats(h_NxD, w_DxV, targets_N, *, softcap=None, temperature=1.0,
                     want_smooth=label_smoothing > 0, block_n=block_n,
                     block_v=block_v, interpret=interpret)
   y_N = jnp.where(targets_N == ignore_index, -1, targets_N).astype(jnp.int32)
-  h_NxD, w_DxV = _tiles.common_dtype(h_NxD, w_DxV)
+  h_NxD, w = _tiles.common_dtype(h_NxD, w)
+  if vocab_axis not in (0, 1):
+    raise errors.ConfigError(f"token_stats vocab_axis={vocab_axis}: "
+                             "expected 1 (w is [D, V]) or 0 ([V, D])")
+  if vocab_axis == 0 and cfg.impl != "xla":  # other bodies take [D, V]
+    w, vocab_axis = w.T, 1
+  cfg = cfg._replace(vocab_axis=vocab_axis)
   if cfg.impl == "naive":
-    out = _reference.token_stats(h_NxD, w_DxV, y_N, cfg.scaling)
+    out = _reference.token_stats(h_NxD, w, y_N, cfg.scaling)
   else:
-    out = _op(h_NxD, w_DxV, y_N, cfg)
+    out = _op(h_NxD, w, y_N, cfg)
   logp, lse, entropy, smooth = out
   return TokenStats(logp, lse, entropy if cfg.want_entropy else None,
                     smooth if cfg.want_smooth else None)
@@ -155,15 +165,16 @@ def _xla_forward(h, w, y, cfg: Config, moments: bool = False):
 
   def finish(carry, rows):
     st, mo = carry
-    out = jnp.concatenate(_tiles.finalize_stats(st, rows[0], w.shape[1]),
-                          axis=1)
+    out = jnp.concatenate(_tiles.finalize_stats(
+        st, rows[0], w.shape[cfg.vocab_axis]), axis=1)
     if mo is None:
       return (out,)
     return (out,) + tuple(x for x in _tiles.finalize_moments(mo, st)
                           if x is not None)
 
   out = _xla.forward(((h, w),), (y[:, None],), init, fold, finish,
-                     block_n=cfg.block_n, block_v=cfg.block_v)
+                     block_n=cfg.block_n, block_v=cfg.block_v,
+                     vocab_axis=cfg.vocab_axis)
   if not moments:
     return out[0]
   mo = iter(out[1:])
@@ -174,12 +185,13 @@ def _xla_forward(h, w, y, cfg: Config, moments: bool = False):
 def _moments_dh(h, w, y, coef, out, mo: _tiles.Moments, cfg: Config):
   """dh from the forward's moments (see `_tiles.moments_dh`)."""
   y_ok = jnp.maximum(y, 0)
-  w_y = jnp.take(w, y_ok, axis=1).T.astype(jnp.float32)
+  w_y = jnp.take(w, y_ok, axis=cfg.vocab_axis)
+  w_y = (w_y if cfg.vocab_axis == 0 else w_y.T).astype(jnp.float32)
   s_y = (out[:, 0] + out[:, 1])[:, None]  # logp + lse = target's s
   u_y = _tiles.unscale_grad(jnp.ones_like(s_y), s_y, cfg.scaling)
   uw = mo.uw
   if cfg.want_smooth and uw is None:  # no softcap: u is the constant 1/T
-    uw = jnp.sum(w.astype(jnp.float32), axis=1)[None] / (
+    uw = jnp.sum(w.astype(jnp.float32), axis=cfg.vocab_axis)[None] / (
         cfg.scaling.temperature)
   return _tiles.moments_dh(coef, mo, w_y, u_y, uw).astype(h.dtype)
 
@@ -191,7 +203,8 @@ def _xla_backward(h, w, y, coef, cfg: Config, want_dh: bool = True):
     return _tiles.unscale_grad(g, s, cfg.scaling)
 
   return _xla.backward(((h, w),), (y[:, None], coef), grad,
-                       block_n=cfg.block_n, block_v=cfg.block_v)
+                       block_n=cfg.block_n, block_v=cfg.block_v,
+                       want_dh=want_dh, vocab_axis=cfg.vocab_axis)
 
 
 def _impl(cfg: Config):
@@ -226,7 +239,7 @@ def _op_bwd(cfg, res, ct):
   # Outputs the caller dropped arrive as zero cotangents.
   g_logp, g_lse, g_ent, g_smooth = ct
   coef = _tiles.stats_coefs(g_logp, g_lse, g_ent, g_smooth, y >= 0,
-                            out[:, 1], out[:, 2], w.shape[1])
+                            out[:, 1], out[:, 2], w.shape[cfg.vocab_axis])
   if mo is None:
     dh, dw = _impl(cfg)[1](h, w, y, coef, cfg)
     return dh, dw, None

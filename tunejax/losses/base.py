@@ -10,9 +10,15 @@ from tunejax import errors
 
 
 class Head(NamedTuple):
-  """What a loss needs from a model: final hidden states + unembedding."""
+  """What a loss needs from a model: final hidden states + unembedding.
+
+  `w` is the unembedding as the model stores it: `[D, V]` (an lm_head) or,
+  with `vocab_axis=0`, `[V, D]` (a tied embedding table, which the fused
+  token-loss op reads without a transposed copy). `w_DxV` is the `[D, V]`
+  view for code that needs that layout.
+  """
   h_BxLxD: jax.Array
-  w_DxV: jax.Array
+  w: jax.Array
   softcap: Optional[float] = None
   # (penalty, {metric: value}) from the PEFT method's side outputs (e.g.
   # MoE-LoRA's router balance); the trainer adds penalty to the mean loss.
@@ -21,6 +27,11 @@ class Head(NamedTuple):
   # on its prompt tokens (`prompt_keys`), detached; for losses registered
   # with `needs_attn_mass` (ssToken), else None.
   attn_mass: Any = None
+  vocab_axis: int = 1
+
+  @property
+  def w_DxV(self) -> jax.Array:
+    return self.w if self.vocab_axis == 1 else self.w.T
 
 
 # loss(policy: Head, batch, *, ref: Head | None, **options)

@@ -18,11 +18,12 @@ def token_weights(batch) -> jnp.ndarray:
   return w
 
 
-def _xent_sums(h_NxD, w_DxV, targets_N, wt_N, *, softcap, label_smoothing,
+def _xent_sums(h_NxD, head: Head, targets_N, wt_N, *, label_smoothing,
                z_loss, impl):
   """(weighted loss sum, weighted nll sum) over N tokens."""
-  stats = kernels.token_stats(h_NxD, w_DxV, targets_N, softcap=softcap,
-                              label_smoothing=label_smoothing, impl=impl)
+  stats = kernels.token_stats(h_NxD, head.w, targets_N, softcap=head.softcap,
+                              label_smoothing=label_smoothing, impl=impl,
+                              vocab_axis=head.vocab_axis)
   nll_N = -stats.logp
   loss_N = nll_N
   if label_smoothing:
@@ -55,7 +56,7 @@ def cross_entropy(policy: Head, batch, *, ref: Head | None = None,
   wt_N = token_weights(batch).reshape(-1)
   trained_N = batch["loss_mask"].reshape(-1) > 0
   sums = lambda h, y, wt: _xent_sums(
-      h, policy.w_DxV, jnp.where(wt != 0, y, -1), wt, softcap=policy.softcap,
+      h, policy, jnp.where(wt != 0, y, -1), wt,
       label_smoothing=label_smoothing, z_loss=z_loss, impl=impl)
   cap = min(b * l, 8 * math.ceil(target_capacity * b * l / 8))
   if cap >= b * l:
@@ -91,9 +92,9 @@ def target_stats(head: Head, batch, *, impl: str = "auto",
   """
   y_N = jnp.where(batch["loss_mask"].reshape(-1) > 0,
                   batch["targets"].reshape(-1), -1)
-  return kernels.token_stats(flat_h(head), head.w_DxV, y_N,
+  return kernels.token_stats(flat_h(head), head.w, y_N,
                              softcap=head.softcap, want_entropy=want_entropy,
-                             impl=impl)
+                             impl=impl, vocab_axis=head.vocab_axis)
 
 
 def n_targets(batch) -> jnp.ndarray:

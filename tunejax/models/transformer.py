@@ -322,11 +322,18 @@ def hidden(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array,
   return (out[0], out[2]) if return_aux else out[0]
 
 
-def unembedding(cfg: ModelConfig, params: dict) -> jax.Array:
-  """[D, V] output projection: tied embedding transposed or lm_head."""
+def unembedding(cfg: ModelConfig, params: dict, *,
+                as_stored: bool = False):
+  """[D, V] output projection: tied embedding transposed or lm_head.
+
+  With `as_stored`, returns (w, vocab_axis) without transposing: the tied
+  table stays [V, D] (vocab_axis 0), which the fused loss op reads as is.
+  """
   if cfg.tie_embeddings:
-    return params["embed"]["embedding"].T
-  return params["lm_head"]["kernel"]
+    w = params["embed"]["embedding"]
+    return (w, 0) if as_stored else w.T
+  w = params["lm_head"]["kernel"]
+  return (w, 1) if as_stored else w
 
 
 def logits_from_hidden(cfg: ModelConfig, params: dict, h_BxLxD: jax.Array,

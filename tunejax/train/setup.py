@@ -82,9 +82,10 @@ def _head(model_cfg, base, adapters, seam, batch,
     mass = jax.lax.stop_gradient(
         aux.pop("attn/probe_mass")[-1][:, -tokens.shape[1]:])
   model_aux = method.aux_loss(aux, segment_ids) if want_aux else None
-  return losses.Head(h, models.unembedding(model_cfg, base),
-                     model_cfg.final_logit_softcap, model_aux=model_aux,
-                     attn_mass=mass)
+  w, vocab_axis = models.unembedding(model_cfg, base, as_stored=True)
+  return losses.Head(h, w, model_cfg.final_logit_softcap,
+                     model_aux=model_aux, attn_mass=mass,
+                     vocab_axis=vocab_axis)
 
 
 def make_apply(model_cfg, method: peft.Method, *, with_ref: bool = False,
