@@ -34,6 +34,16 @@ class Head(NamedTuple):
     return self.w if self.vocab_axis == 1 else self.w.T
 
 
+# softcap and vocab_axis are static: tree maps (e.g. stop_gradient over the
+# reference Head) and jit must not turn them into traced values.
+jax.tree_util.register_pytree_node(
+    Head,
+    lambda hd: ((hd.h_BxLxD, hd.w, hd.model_aux, hd.attn_mass),
+                (hd.softcap, hd.vocab_axis)),
+    lambda static, kids: Head(kids[0], kids[1], static[0], kids[2], kids[3],
+                              static[1]))
+
+
 # loss(policy: Head, batch, *, ref: Head | None, **options)
 #   -> (loss_sum, denom, aux: dict of scalars)
 LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, Any]]]
