@@ -57,7 +57,7 @@ def run_tunejax(a, impl: str):
   from tunejax import config as config_lib, data
   from tunejax.train import config as tcfg, setup
   cfg = config_lib.build(tcfg.Config, dict(
-      total_steps=1000, model=dict(name="gemma3-270m"),
+      total_steps=1000, model=dict(name="gemma3-270m", remat=a.remat),
       peft=dict(method="lora", rank=16, alpha=32.0),
       optim=dict(name="adamw", lr=1e-4), mesh=dict(data=1),
       loss=dict(name="xent", options={"impl": impl}),
@@ -107,7 +107,8 @@ def _write_hf(out_dir):
 
 def _child(a, name, hf_dir):
   args = [sys.executable, __file__, f"--only={name}", f"--steps={a.steps}",
-          f"--batch={a.batch}", f"--seq={a.seq}", f"--hf_dir={hf_dir}"]
+          f"--batch={a.batch}", f"--seq={a.seq}", f"--hf_dir={hf_dir}",
+          f"--remat={a.remat}"]
   out = subprocess.run(args, capture_output=True, text=True, check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
@@ -123,6 +124,8 @@ def main():
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--only", default="")
   p.add_argument("--hf_dir", default="")
+  p.add_argument("--remat", default="none",
+                 help="tunejax model.remat: none | full | save_dots")
   a = p.parse_args()
   runners = {"tunejax": lambda: run_tunejax(a, "auto"),
              "tunejax_naive": lambda: run_tunejax(a, "naive"),

@@ -22,10 +22,25 @@ from tunejax.kernels import _tiles
 
 
 def plan(n, v, block_n, block_v):
-  """Effective block sizes and chunk counts for N tokens, V columns."""
+  """Effective block sizes and chunk counts for N tokens, V columns.
+
+  The vocabulary block shrinks (by < 1/8) to divide V when it can, so no
+  chunk overlaps the previous one and the overlap masks vanish statically
+  (32000 -> 4 x 8000; 128256 -> 16 x 8016 at block_v 8192).
+  """
   block_v = min(block_v, v)
+  chunks = -(-v // block_v)
+  for c in range(chunks, chunks + chunks // 8 + 1):
+    if v % c == 0:
+      block_v = v // c
+      break
   block_n = min(block_n, -(-n // 8) * 8)
   return block_n, block_v, -(-n // block_n), -(-v // block_v)
+
+
+def _owned(cols, own, v, block_v):
+  """Columns a chunk owns (not covered by the previous chunk)."""
+  return True if v % block_v == 0 else cols >= own
 
 
 def _pad_rows(x, n_pad, value=0):
@@ -42,10 +57,14 @@ def _vocab_chunk(j, v, block_v):
 
 
 def _w_chunk(w, v0, block_v, vocab_axis):
-  """A `[D, block_v]` chunk; of a `[V, D]` w, a transposed row slice (XLA
-  folds the transpose into the matmuls)."""
-  c = jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=vocab_axis)
-  return c if vocab_axis == 1 else c.T
+  """`block_v` vocabulary entries of w, in w's own layout."""
+  return jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=vocab_axis)
+
+
+def _dv(w_c, vocab_axis):
+  """`[D, U]` view of a chunk (for `[V, D]` chunks a transpose that XLA
+  folds into the consuming matmul)."""
+  return w_c if vocab_axis == 1 else w_c.T
 
 
 def _opaque(ws):
@@ -67,8 +86,13 @@ def _chunks(ws, v0, block_v, vocab_axis):
   return tuple(_w_chunk(w, v0, block_v, vocab_axis) for w in ws)
 
 
-def _logits(hs, w_chunks):
-  return tuple(_tiles.matmul(h, w_c) for h, w_c in zip(hs, w_chunks))
+def _logits(hs, w_chunks, vocab_axis):
+  # Contracts D in place: a transposed view of a [U, D] chunk here was
+  # materialised by XLA:CPU (a copy of every chunk).
+  dims = (((1,), (1 - vocab_axis,)), ((), ()))
+  return tuple(jax.lax.dot_general(h, w_c, dims,
+                                   preferred_element_type=jnp.float32)
+               for h, w_c in zip(hs, w_chunks))
 
 
 def _take_rows(tree, t0, rows):
@@ -117,9 +141,11 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
 
     def token_block(i, state):
       t0 = i * bn
-      z = _logits(_take_rows(hs, t0, bn), w_cs)
-      part = fold(_take_rows(state, t0, bn), z, cols, cols >= own,
-                  _take_rows(rs, t0, bn), w_cs)
+      z = _logits(_take_rows(hs, t0, bn), w_cs, vocab_axis)
+      part = fold(_take_rows(state, t0, bn), z, cols,
+                  _owned(cols, own, v, bv),
+                  _take_rows(rs, t0, bn),
+                  tuple(_dv(c, vocab_axis) for c in w_cs))
       return _put_rows(state, part, t0)
 
     return jax.lax.fori_loop(0, n_blocks, token_block, state), ws
@@ -167,19 +193,20 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
       dh, dw_c = inner
       t0 = i * bn
       h_b = _take_rows(hs, t0, bn)
-      z = _logits(h_b, w_cs)
+      z = _logits(h_b, w_cs, vocab_axis)
       g = grad(z, cols, _take_rows(row_ids, t0, bn) < n,
                _take_rows(rs, t0, bn))
       # A chunk sums over all tokens, so its dw columns are complete even
       # where it overlaps the previous chunk (rewritten with equal values);
       # dh must count those overlap columns only once.
       if want_dh:
-        g_own = jnp.where(cols >= own, g, 0.0)
-        dh_b = _take_rows(dh, t0, bn) + _tiles.matmul_nt(g_own, w_cs[0])
+        g_own = jnp.where(_owned(cols, own, v, bv), g, 0.0)
+        dh_b = _take_rows(dh, t0, bn) + _tiles.matmul_nt(
+            g_own, _dv(w_cs[0], vocab_axis))
         dh = _put_rows(dh, dh_b, t0)
       return dh, dw_c + _tiles.matmul_tn(h_b[0], g)
 
-    dw_c = jnp.zeros(w_cs[0].shape, jnp.float32)
+    dw_c = jnp.zeros(_dv(w_cs[0], vocab_axis).shape, jnp.float32)
     dh, dw_c = jax.lax.fori_loop(0, n_blocks, token_block, (dh, dw_c))
     dw_c = dw_c if vocab_axis == 1 else dw_c.T
     dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0,
