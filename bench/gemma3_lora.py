@@ -77,13 +77,17 @@ def run_tunejax(a, impl: str):
   return {**_timed(step, a), "rss_mb": _rss_mb()}
 
 
-def run_torch(a, hf_dir: str):
+def run_torch(a, hf_dir: str, checkpointing: bool = False):
   import peft
   import torch
   import transformers
   torch.manual_seed(0)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       hf_dir, torch_dtype=torch.float32)
+  if checkpointing:  # the torch counterpart of tunejax's model.remat=full
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
   model = peft.get_peft_model(model, peft.LoraConfig(
       r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS)))
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -129,7 +133,8 @@ def main():
   a = p.parse_args()
   runners = {"tunejax": lambda: run_tunejax(a, "auto"),
              "tunejax_naive": lambda: run_tunejax(a, "naive"),
-             "torch_peft": lambda: run_torch(a, a.hf_dir)}
+             "torch_peft": lambda: run_torch(a, a.hf_dir),
+             "torch_peft_ckpt": lambda: run_torch(a, a.hf_dir, True)}
   if a.only:
     print(json.dumps(runners[a.only]()))
     return
@@ -145,7 +150,7 @@ def main():
       print(f"{name:15}{r['tokens_per_sec']:10.1f}{r['step_s']:9.2f}"
             f"{r['compile_s']:10.1f}{r['rss_mb']:12.0f}")
   tj = res.get("tunejax")
-  for name in ("tunejax_naive", "torch_peft"):
+  for name in ("tunejax_naive", "torch_peft", "torch_peft_ckpt"):
     if tj and res.get(name):
       r = res[name]
       print(f"tunejax / {name}: "

@@ -18,7 +18,8 @@ import numpy as np
 from tunejax import errors
 from tunejax.models.config import ModelConfig
 from tunejax.models.seam import DEFAULT_SEAM, Seam
-from tunejax.models.transformer import decode, logits_from_hidden
+from tunejax.models.transformer import (decode, logits_from_hidden,
+                                        split_layers)
 
 _BUCKET = 8  # Prompt lengths are padded up to a multiple (fewer compiles).
 
@@ -66,9 +67,13 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
   idx_P = jnp.arange(p)
   pos_BxP = jnp.maximum(idx_P[None] - pad_B[:, None], 0).astype(jnp.int32)
   seg_BxP = (idx_P[None] >= pad_B[:, None]).astype(jnp.int32)
-  kv_shape = (cfg.n_layers, b, cfg.n_kv_heads, s, cfg.head_dim)
+  # Per-layer weights and cache buffers: the decode step reads and updates
+  # them in place (no per-step slicing or copying of stacked arrays).
+  params = split_layers(params)
+  kv_shape = (b, cfg.n_kv_heads, s, cfg.head_dim)
+  zeros = lambda: [jnp.zeros(kv_shape, dtype) for _ in range(cfg.n_layers)]
   cache = {
-      "k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
+      "k": zeros(), "v": zeros(),
       "pos": jnp.zeros((b, s), jnp.int32),
       "seg": jnp.zeros((b, s), jnp.int32),  # 0: empty slot.
       "slot": jnp.int32(0),

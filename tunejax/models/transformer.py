@@ -59,7 +59,12 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
            *, return_kv: bool):
   """One pre-norm decoder block.
 
-  `cache_kv` is None or this layer's (k, v) cache [B, G, S, K], read only.
+  `cache_kv` is None or this layer's (k, v, slot) with k, v its cache
+  buffers [B, G, S, K]: this call's keys/values are first written at `slot`
+  and the layer attends over the updated buffers alone (`ctx.cache_masks`),
+  returning them as its new kv. Writing before reading lets XLA update the
+  buffers in place (read-then-write made it copy every layer's cache each
+  decode step).
   `prefix_kv` is None or this layer's (k, v) prefix [P, G·K] (shared keys).
   Returns (x, (this call's (k, v) [B, G, L, K] if `return_kv` else None,
   aux)), where aux is {'<module>/<key>': array} from seams that return
@@ -106,7 +111,11 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, L, K]
   blocks = [(k, v, _pick(ctx.masks, is_local))]
   if cache_kv is not None:
-    blocks.insert(0, (*cache_kv, _pick(ctx.cache_masks, is_local)))
+    kbuf, vbuf, slot = cache_kv
+    k, v = (jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
+                                         (0, 0, slot, 0))
+            for buf, new in ((kbuf, k), (vbuf, v)))
+    blocks = [(k, v, _pick(ctx.cache_masks, is_local))]
   if prefix_kv is not None:
     p_len, g, kd = prefix_kv[0].shape[0], cfg.n_kv_heads, cfg.head_dim
     pk, pv = (jnp.broadcast_to(  # [P, G·K] -> [B, G, P, K]
@@ -176,14 +185,23 @@ def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
   lp_all, la_all = params["layers"], _sub(adapters, "layers")
-  if not cfg.scan_layers:
+  split = isinstance(lp_all, (list, tuple))  # see `split_layers`
+  if split or not cfg.scan_layers:
     outs = []
     for i in range(cfg.n_layers):
       pick = lambda t, i=i: jax.tree.map(lambda a: a[i], t)
-      x, out = body(x, pick(lp_all), pick(la_all), is_local[i],
-                    pick(cache_kv), pick(prefix_kv))
+      lp = lp_all[i] if split else pick(lp_all)
+      kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i],
+                                           cache_kv[2])
+      x, out = body(x, lp, pick(la_all), is_local[i], kv, pick(prefix_kv))
       outs.append(out)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *[o[1] for o in outs])
+    kvs = [o[0] for o in outs]
+    if kvs[0] is None:
+      return x, (None, aux)
+    if split:  # per-layer lists (full cache buffers are never stacked)
+      return x, (([k for k, _ in kvs], [v for _, v in kvs]), aux)
+    return x, (jax.tree.map(lambda *a: jnp.stack(a), *kvs), aux)
 
   def step(x, xs):
     return body(x, *xs)
@@ -192,20 +210,34 @@ def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
                                 prefix_kv))
 
 
+def split_layers(params: dict) -> dict:
+  """params with "layers" as a list of per-layer trees (unrolled layers).
+
+  For decoding: each layer's matrices become their own buffers, read in
+  place by the matmuls, instead of being sliced (copied) out of the stacked
+  arrays at every step.
+  """
+  n = jax.tree.leaves(params["layers"])[0].shape[0]
+  return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i],
+                                            params["layers"])
+                               for i in range(n)]}
+
+
 def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
            segment_ids_BxL, *, adapters=None, seam: Seam = DEFAULT_SEAM,
            cache=None, attend_cache: bool = True, return_aux: bool = False,
            attn_probe_BxL: jax.Array | None = None):
   """Final-normed hidden states, optionally through a KV cache.
 
-  `cache` is None (attend within `tokens`) or a dict with 'k', 'v'
-  [n_layers, B, G, S, K], 'pos', 'seg' [B, S] (key positions and segment
-  ids, 0 = empty) and 'slot' (scalar: slots before it are filled). Tokens
-  attend to the filled slots and causally to each other; their keys,
-  values, positions and segments are then written at `slot` in one update
-  per array, and `slot` advances by L. `attend_cache=False` skips reading
-  the cache (prefill of an empty cache). Returns (h_BxLxD, cache), or
-  (h_BxLxD, cache, aux) with `return_aux` (see `_layer`).
+  `cache` is None (attend within `tokens`) or a dict with 'k', 'v' (lists
+  of n_layers buffers [B, G, S, K]), 'pos', 'seg' [B, S] (key positions and
+  segment ids, 0 = empty) and 'slot' (scalar: slots before it are filled).
+  The tokens' keys, values, positions and segments are written at `slot`,
+  then the tokens attend to the filled slots (their own causally), and
+  `slot` advances by L; with a cache, layers run unrolled on
+  `split_layers(params)`. `attend_cache=False` skips reading the cache
+  (prefill of an empty cache). Returns (h_BxLxD, cache), or (h_BxLxD,
+  cache, aux) with `return_aux` (see `_layer`).
 
   Virtual tokens (see `seam.py`): positions are shifted by
   `seam.position_offset`; soft-prompt embeddings are prepended without a
@@ -236,12 +268,21 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   masks = _masks(cfg, idx, idx, positions_BxL, positions_BxL,
                  segment_ids_BxL, segment_ids_BxL)
   cache_masks, cache_kv = None, None
+  put = lambda buf, new, at: jax.lax.dynamic_update_slice(
+      buf, new.astype(buf.dtype), at)
+  if cache is not None:
+    if not isinstance(params["layers"], (list, tuple)):
+      params = split_layers(params)  # generate() splits once, outside
+    slot = cache["slot"]
+    cache = {**cache, "pos": put(cache["pos"], positions_BxL, (0, slot)),
+             "seg": put(cache["seg"], segment_ids_BxL, (0, slot))}
   if cache is not None and attend_cache:
-    slot, k_idx = cache["slot"], jnp.arange(cache["k"].shape[3])
-    cache_masks = _masks(cfg, idx + slot, k_idx, positions_BxL, cache["pos"],
-                         segment_ids_BxL, cache["seg"],
-                         extra=(k_idx < slot)[None, None])
-    cache_kv = (cache["k"], cache["v"])
+    # Keys at slot.. are this call's own tokens (written first); causality
+    # by slot index hides the empty slots after them.
+    k_idx = jnp.arange(cache["pos"].shape[1])
+    cache_masks = _masks(cfg, idx + slot, k_idx, positions_BxL,
+                         cache["pos"], segment_ids_BxL, cache["seg"])
+    cache_kv = (cache["k"], cache["v"], slot)
   prefix_kv = seam.prefix(adapters)
   prefix_masks = None
   if prefix_kv is not None:
@@ -259,17 +300,11 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   h = layers.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps,
                       cfg.norm_offset)
   if cache is not None:
-    put = lambda buf, new, at: jax.lax.dynamic_update_slice(
-        buf, new.astype(buf.dtype), at)
-    slot = cache["slot"]
-    at = (0, 0, 0, slot, 0)
-    k, v = put(cache["k"], new_kv[0], at), put(cache["v"], new_kv[1], at)
-    cache = {
-        "k": k, "v": v,
-        "pos": put(cache["pos"], positions_BxL, (0, slot)),
-        "seg": put(cache["seg"], segment_ids_BxL, (0, slot)),
-        "slot": slot + l,
-    }
+    k, v = new_kv
+    if not attend_cache:  # prefill: the layers returned their new kv only
+      k, v = ([put(c, n, (0, 0, slot, 0)) for c, n in zip(cache[name], new)]
+              for name, new in (("k", k), ("v", v)))
+    cache = {**cache, "k": k, "v": v, "slot": slot + l}
   h = h[:, n_virtual:]
   return (h, cache, aux) if return_aux else (h, cache)
 
