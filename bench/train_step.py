@@ -48,7 +48,8 @@ def run_tunejax(a):
   from tunejax import config as config_lib, data
   from tunejax.train import config as tcfg, setup
   cfg = config_lib.build(tcfg.Config, dict(
-      total_steps=1000, model=dict(name="tiny", overrides=W1),
+      total_steps=1000, model=dict(name="tiny", overrides=W1,
+                                   scan_layers=a.scan_layers == "true"),
       peft=(dict(method="lora", rank=16, alpha=32.0) if a.method == "lora"
             else dict(method="none")),
       optim=dict(name="adamw", lr=1e-4), mesh=dict(data=1),
@@ -135,6 +136,9 @@ def main():
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--method", default="lora", choices=["lora", "none"])
   p.add_argument("--only", default="")
+  p.add_argument("--scan_layers", default="true", choices=["true", "false"],
+                 help="tunejax model.scan_layers (false: unrolled layers, "
+                 "no stacked residual buffers; faster at this depth on CPU)")
   p.add_argument("--loss_impl", default="auto",
                  help="token_stats impl for tunejax: auto | xla | naive")
   a = p.parse_args()
@@ -146,7 +150,8 @@ def main():
     out = subprocess.run([sys.executable, __file__, f"--only={name}",
                           f"--steps={a.steps}", f"--batch={a.batch}",
                           f"--seq={a.seq}", f"--method={a.method}",
-                          f"--loss_impl={a.loss_impl}"],
+                          f"--loss_impl={a.loss_impl}",
+                          f"--scan_layers={a.scan_layers}"],
                          capture_output=True, text=True, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode or not lines:
