@@ -375,18 +375,8 @@ def logits_from_hidden(cfg: ModelConfig, params: dict, h_BxLxD: jax.Array,
                        *, adapters=None, seam: Seam | None = None):
   """float32 logits (with the final softcap) from final hidden states."""
   seam = seam or DEFAULT_SEAM
-  table, vocab_axis = unembedding(cfg, params, as_stored=True)
-  head_adapters = _sub(adapters, "lm_head")
-  if vocab_axis == 0 and not head_adapters:
-    # Contract D of the tied [V, D] table in place: `h @ table.T` made
-    # XLA:CPU copy the transposed table (671 MB on Gemma 3) every decode
-    # step.
-    logits = jax.lax.dot_general(
-        h_BxLxD, table.astype(h_BxLxD.dtype),
-        (((h_BxLxD.ndim - 1,), (1,)), ((), ())))
-  else:
-    logits = seam.linear("lm_head", h_BxLxD, unembedding(cfg, params), None,
-                         head_adapters)
+  w = unembedding(cfg, params)
+  logits = seam.linear("lm_head", h_BxLxD, w, None, _sub(adapters, "lm_head"))
   logits = logits.astype(jnp.float32)
   if cfg.final_logit_softcap is not None:
     cap = cfg.final_logit_softcap
