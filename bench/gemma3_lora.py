@@ -18,7 +18,8 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
+
+from timing import step_stats  # bench/timing.py
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
            "down_proj")
@@ -41,15 +42,7 @@ def _batch(a, vocab):
 
 
 def _timed(step, a):
-  t = time.perf_counter()
-  step()
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  for _ in range(a.steps):
-    step()
-  dt = (time.perf_counter() - t) / a.steps
-  return {"tokens_per_sec": a.batch * a.seq / dt, "step_s": dt,
-          "compile_s": compile_s}
+  return step_stats(step, a.steps, a.batch * a.seq)
 
 
 def run_tunejax(a, impl: str):

@@ -13,3 +13,24 @@ def best_of(fn, repeats: int, *, warmup: bool = False) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return min(times)
+
+
+def step_stats(step, steps: int, tokens_per_step: int) -> dict:
+  """Times `step()` once (compile + first run), then `steps` more times.
+
+  Reports the fastest step (the least disturbed by other tenants of a
+  shared machine) and the median, as tokens/s and seconds per step.
+  """
+  t0 = time.perf_counter()
+  step()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  times.sort()
+  best, median = times[0], times[len(times) // 2]
+  return {"tokens_per_sec": tokens_per_step / best, "step_s": best,
+          "median_tokens_per_sec": tokens_per_step / median,
+          "compile_s": compile_s}

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from timing import step_stats  # bench/timing.py
+
 W1 = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8,
           n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536,
           rope_theta=500000.0, tie_embeddings=False)
@@ -68,23 +70,18 @@ def run_tunejax(a):
                                         (b, l)).copy()}
   g = data.to_global(batch, run.mesh, run.batch_sharding)
   key = jax.random.PRNGKey(0)
-  t = time.perf_counter()
-  state, m = step(state, g, key)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  for _ in range(a.steps):
-    state, m = step(state, g, key)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t) / a.steps
+  box = [state]
+
+  def one_step():
+    box[0], m = step(box[0], g, key)
+    jax.block_until_ready(m)
+
+  out = step_stats(one_step, a.steps, b * l)
   # 6N-style model FLOPs; with frozen base weights (LoRA) the weight-grad
   # matmuls are not done, so count 4N (forward 2N + activation grads 2N).
   flops = model_cfg.flops_per_token(l) * (4 / 6 if a.method == "lora" else 1)
-  return {"tokens_per_sec": b * l / dt, "step_s": dt,
-          "compile_s": compile_s,
-          "tflops": flops * b * l / dt / 1e12,
+  return {**out, "tflops": flops * out["tokens_per_sec"] / 1e12,
           "rss_mb": _rss_mb()}
-
 
 def run_torch(a, compiled: bool):
   import torch
@@ -113,16 +110,7 @@ def run_torch(a, compiled: bool):
     opt.zero_grad(set_to_none=True)
     return loss
 
-  t = time.perf_counter()
-  step()
-  compile_s = time.perf_counter() - t
-  t = time.perf_counter()
-  for _ in range(a.steps):
-    step()
-  dt = (time.perf_counter() - t) / a.steps
-  return {"tokens_per_sec": a.batch * a.seq / dt, "step_s": dt,
-          "compile_s": compile_s, "rss_mb": _rss_mb()}
-
+  return {**step_stats(step, a.steps, a.batch * a.seq), "rss_mb": _rss_mb()}
 
 CONTENDERS = {"peak": matmul_peak, "tunejax": run_tunejax,
               "torch_eager": lambda a: run_torch(a, False),

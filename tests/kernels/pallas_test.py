@@ -81,3 +81,36 @@ def test_lowers_for_accelerators_at_gemma3_shape(impl, platform, target):
   calls = re.findall(r"custom_call @([\w$.]+)", text)
   # One forward kernel plus the backward kernel(s), all on the target.
   assert calls.count(target) >= 2, calls
+
+
+def _live_tpu_kernels(argnums):
+  """Mosaic kernels whose results are used, in the TPU lowering of a CE
+  gradient w.r.t. `argnums` (XLA deletes the unused ones: they have no side
+  effects)."""
+  n, d, v = 1024, 640, 32768
+  args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+
+  def grads(h, w, y):
+    def loss(h, w):
+      st = kernels.token_stats(h, w, y, impl="pallas_tpu", interpret=False)
+      return -jnp.sum(st.logp)
+    return jax.grad(loss, argnums=argnums)(h, w)
+
+  text = jax.jit(grads).trace(*args).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert "has_side_effect = true" not in text
+  results = re.findall(r"(%[\w]+)(?::\d+)? = stablehlo.custom_call "
+                       r"@tpu_custom_call", text)
+  assert results
+  uses = lambda r: len(re.findall(re.escape(r) + r"(?![\w])", text)) - 1
+  return [r for r in results if uses(r)]
+
+
+def test_tpu_frozen_unembedding_needs_no_backward_logit_pass():
+  """dh comes from the forward kernel's moments: with w frozen (LoRA) the
+  op is that one kernel (two matmul passes); a trainable w adds the dw
+  kernel (one more logit pass plus the dw matmul)."""
+  assert len(_live_tpu_kernels(0)) == 1
+  assert len(_live_tpu_kernels((0, 1))) == 2

@@ -6,8 +6,11 @@ axis and running values live in VMEM scratch. Tiling rules: block_n is a
 multiple of 8, block_v of 128 (or the whole V), D is never split (a full
 dimension is always a legal block), per-token vectors are (block_n, 1).
 
-Backward is two kernels that each recompute the logit tile: dh reduces over
-vocabulary blocks, dw over token blocks (TPU output blocks must be revisited
+The forward can also stream the `_tiles.Moments` (`[block_n, D]` VMEM
+accumulators), from which the op forms dh without another pass over the
+logits. Backward is then one kernel for dw that recomputes the logit tile
+(and is dropped by XLA when w is frozen); without moments a second kernel
+reduces dh over vocabulary blocks (TPU output blocks must be revisited
 consecutively, so one kernel cannot reduce both).
 """
 import functools
@@ -36,7 +39,7 @@ def _pad_rows(x, rows):
   return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def _params(interpret, block_n, block_v, d, itemsize):
+def _params(interpret, block_n, block_v, d, itemsize, n_moments=0):
   """Grid semantics and a scoped-VMEM limit sized to the blocks.
 
   The default scoped VMEM (16 MiB on most chips) is too small for
@@ -46,7 +49,8 @@ def _params(interpret, block_n, block_v, d, itemsize):
   """
   need = (2 * (block_n + block_v) * d * itemsize      # double-buffered inputs
           + 6 * block_n * block_v * 4                 # logit tile temporaries
-          + max(block_n, block_v) * d * (4 + 2 * itemsize))  # acc + output
+          + max(block_n, block_v) * d * (4 + 2 * itemsize)  # acc + output
+          + n_moments * block_n * d * 4 * 3)  # moment scratch + outputs
   limit = int(min(max(2 * need, 32 * 2**20), 64 * 2**20))
   return dict(interpret=interpret, compiler_params=pltpu.CompilerParams(
       dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=limit))
@@ -63,46 +67,85 @@ def _scaled_tile(h_ref, w_ref, v_block, block_v, vocab, sc):
   return s, cols, cols < vocab, w
 
 
-def _fwd_kernel(h_ref, w_ref, y_ref, logp_ref, lse_ref, ent_ref, smooth_ref,
-                *acc_refs, sc, vocab, block_v):
+def _fwd_kernel(h_ref, w_ref, y_ref, *refs, sc, vocab, block_v, n_out,
+                moment_fields):
+  """Streams one vocabulary tile into the running stats (and moments).
+
+  refs: n_out output refs (4 stats, then the moments), then the stats
+  scratch, then the moment scratch (`moment_fields`: which of the optional
+  `_tiles.Moments` fields exist).
+  """
+  outs, acc_refs = refs[:n_out], refs[n_out:n_out + _N_STATS]
+  mo_refs = refs[n_out + _N_STATS:]
   j = pl.program_id(1)
 
   @pl.when(j == 0)
   def _():
     for ref, x in zip(acc_refs, _tiles.init_stats(y_ref.shape[0])):
       ref[...] = x
+    for ref in mo_refs:
+      ref[...] = jnp.zeros_like(ref)
 
-  s, cols, col_ok, _ = _scaled_tile(h_ref, w_ref, j, block_v, vocab, sc)
+  s, cols, col_ok, w = _scaled_tile(h_ref, w_ref, j, block_v, vocab, sc)
   y = y_ref[...]
   st = _tiles.Stats(*(ref[...] for ref in acc_refs))
-  st = _tiles.update_stats(st, s, cols, col_ok, y)
-  for ref, x in zip(acc_refs, st):
+  new = _tiles.update_stats(st, s, cols, col_ok, y)
+  for ref, x in zip(acc_refs, new):
     ref[...] = x
+  mo = None
+  if mo_refs:
+    mo = _tiles.update_moments(_read_moments(mo_refs, moment_fields), st.m,
+                               new.m, s, col_ok, w, sc)
+    _write(mo_refs, mo)
 
   @pl.when(j == pl.num_programs(1) - 1)
   def _():
-    outs = _tiles.finalize_stats(st, y, vocab)
-    for ref, x in zip((logp_ref, lse_ref, ent_ref, smooth_ref), outs):
-      ref[...] = x
+    _write(outs[:4], _tiles.finalize_stats(new, y, vocab))
+    if mo is not None:
+      _write(outs[4:], _tiles.finalize_moments(mo, new))
 
 
-def forward(h, w, y, cfg):
+def _read_moments(refs, fields):
+  it = iter(refs)
+  return _tiles.Moments(next(it)[...], *(next(it)[...] if f else None
+                                        for f in fields))
+
+
+def _write(refs, values):
+  for ref, x in zip(refs, [x for x in values if x is not None]):
+    ref[...] = x
+
+
+def forward(h, w, y, cfg, moments: bool = False):
+  """[N, 4] stats; with `moments`, also the finalized `_tiles.Moments`
+  (`[N, D]` accumulators in VMEM next to the per-token stats)."""
   n, (d, v) = h.shape[0], w.shape
   bn, bv = _blocks(n, v, cfg)
   n_pad = -(-n // bn) * bn
   col = lambda i, j: (i, 0)
+  fields = _tiles.moment_fields(cfg) if moments else (False, False)
+  n_mo = (1 + sum(fields)) if moments else 0
   outs = pl.pallas_call(
-      functools.partial(_fwd_kernel, sc=cfg.scaling, vocab=v, block_v=bv),
+      functools.partial(_fwd_kernel, sc=cfg.scaling, vocab=v, block_v=bv,
+                        n_out=4 + n_mo, moment_fields=fields),
       grid=(n_pad // bn, pl.cdiv(v, bv)),
       in_specs=[pl.BlockSpec((bn, d), col),
                 pl.BlockSpec((d, bv), lambda i, j: (0, j)),
                 pl.BlockSpec((bn, 1), col)],
-      out_specs=[pl.BlockSpec((bn, 1), col)] * 4,
-      out_shape=[jax.ShapeDtypeStruct((n_pad, 1), jnp.float32)] * 4,
-      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * _N_STATS,
-      **_params(cfg.interpret, bn, bv, d, w.dtype.itemsize),
+      out_specs=[pl.BlockSpec((bn, 1), col)] * 4
+      + [pl.BlockSpec((bn, d), col)] * n_mo,
+      out_shape=[jax.ShapeDtypeStruct((n_pad, 1), jnp.float32)] * 4
+      + [jax.ShapeDtypeStruct((n_pad, d), jnp.float32)] * n_mo,
+      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * _N_STATS
+      + [pltpu.VMEM((bn, d), jnp.float32)] * n_mo,
+      **_params(cfg.interpret, bn, bv, d, w.dtype.itemsize, n_mo),
   )(_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad))
-  return jnp.concatenate(outs, axis=1)[:n]
+  stats = jnp.concatenate(outs[:4], axis=1)[:n]
+  if not moments:
+    return stats
+  it = iter(o[:n] for o in outs[4:])
+  return stats, _tiles.Moments(next(it), *(next(it) if f else None
+                                           for f in fields))
 
 
 def _grad_tile(h_ref, w_ref, y_ref, coef_ref, i, j, *, sc, vocab, rows,
@@ -145,7 +188,8 @@ def _dw_kernel(h_ref, w_ref, y_ref, coef_ref, dw_ref, acc_ref, **kw):
     dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
 
 
-def backward(h, w, y, coef, cfg):
+def backward(h, w, y, coef, cfg, want_dh: bool = True):
+  """(dh, dw); with `want_dh=False` only the dw kernel (dh is None)."""
   n, (d, v) = h.shape[0], w.shape
   bn, bv = _blocks(n, v, cfg)
   n_pad = -(-n // bn) * bn
@@ -161,14 +205,16 @@ def backward(h, w, y, coef, cfg):
             pl.BlockSpec((bn, 1), lambda *g: (ij(*g)[0], 0)),
             pl.BlockSpec((bn, _tiles.N_COEFS), lambda *g: (ij(*g)[0], 0))]
 
-  dh = pl.pallas_call(
-      functools.partial(_dh_kernel, **kw), grid=(nb, vb),
-      in_specs=specs(lambda i, j: (i, j)),
-      out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-      out_shape=jax.ShapeDtypeStruct((n_pad, d), h.dtype),
-      scratch_shapes=[pltpu.VMEM((bn, d), jnp.float32)],
-      **params,
-  )(*args)
+  dh = None
+  if want_dh:
+    dh = pl.pallas_call(
+        functools.partial(_dh_kernel, **kw), grid=(nb, vb),
+        in_specs=specs(lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((n_pad, d), h.dtype),
+        scratch_shapes=[pltpu.VMEM((bn, d), jnp.float32)],
+        **params,
+    )(*args)[:n]
   dw = pl.pallas_call(
       functools.partial(_dw_kernel, **kw), grid=(vb, nb),
       in_specs=specs(lambda j, i: (i, j)),
@@ -177,4 +223,4 @@ def backward(h, w, y, coef, cfg):
       scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
       **params,
   )(*args)
-  return dh[:n], dw
+  return dh, dw

@@ -198,6 +198,14 @@ class Moments(NamedTuple):
   uw: jax.Array | None = None   # Σ u w
 
 
+def moment_fields(cfg) -> tuple[bool, bool]:
+  """Which optional moments (plw, uw) an op config needs: Σ p log p u w for
+  the entropy; Σ u w for smoothing under a softcap (without one u is the
+  constant 1/T, and Σ u w is a column sum of w the caller forms)."""
+  return (cfg.want_entropy,
+          cfg.want_smooth and cfg.scaling.softcap is not None)
+
+
 def init_moments(rows, d, want_plw: bool, want_uw: bool):
   zeros = lambda: jnp.zeros((rows, d), jnp.float32)
   return Moments(zeros(), zeros() if want_plw else None,

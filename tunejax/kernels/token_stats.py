@@ -147,10 +147,10 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
 
 def _xla_forward(h, w, y, cfg: Config, moments: bool = False):
   """[N, 4] stats; with `moments`, also the finalized `_tiles.Moments`."""
-  want_uw = moments and cfg.want_smooth and cfg.scaling.softcap is not None
+  want_plw, want_uw = _tiles.moment_fields(cfg)
 
   def init(rows):
-    mo = (_tiles.init_moments(rows, h.shape[1], cfg.want_entropy, want_uw)
+    mo = (_tiles.init_moments(rows, h.shape[1], want_plw, want_uw)
           if moments else None)
     return _tiles.init_stats(rows), mo
 
@@ -178,8 +178,8 @@ def _xla_forward(h, w, y, cfg: Config, moments: bool = False):
   if not moments:
     return out[0]
   mo = iter(out[1:])
-  return out[0], _tiles.Moments(next(mo), next(mo) if cfg.want_entropy
-                                else None, next(mo) if want_uw else None)
+  return out[0], _tiles.Moments(next(mo), next(mo) if want_plw else None,
+                                next(mo) if want_uw else None)
 
 
 def _moments_dh(h, w, y, coef, out, mo: _tiles.Moments, cfg: Config):
@@ -218,6 +218,12 @@ def _impl(cfg: Config):
   return _pallas_gpu.forward, _pallas_gpu.backward
 
 
+# Bodies whose forward streams the `_tiles.Moments`, so dh needs no backward
+# logit pass. The Triton body does not: its [block_n, D] accumulators would
+# not fit in registers / shared memory for real D.
+_WITH_MOMENTS = ("xla", "pallas_tpu")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _op(h, w, y, cfg):
   out = _impl(cfg)[0](h, w, y, cfg)
@@ -225,12 +231,12 @@ def _op(h, w, y, cfg):
 
 
 def _op_fwd(h, w, y, cfg):
-  # Only per-token scalars (and, on the XLA path, the [N, D] moments that
-  # give dh without a backward logit pass) are saved besides the inputs.
-  if cfg.impl != "xla":
+  # Only per-token scalars (and, with moments, the [N, D] sums that give dh
+  # without a backward logit pass) are saved besides the inputs.
+  if cfg.impl not in _WITH_MOMENTS:
     out = _op(h, w, y, cfg)
     return out, (h, w, y, jnp.stack(out, axis=1), None)
-  out, mo = _xla_forward(h, w, y, cfg, moments=True)
+  out, mo = _impl(cfg)[0](h, w, y, cfg, moments=True)
   return tuple(out[:, i] for i in range(4)), (h, w, y, out, mo)
 
 
@@ -240,12 +246,13 @@ def _op_bwd(cfg, res, ct):
   g_logp, g_lse, g_ent, g_smooth = ct
   coef = _tiles.stats_coefs(g_logp, g_lse, g_ent, g_smooth, y >= 0,
                             out[:, 1], out[:, 2], w.shape[cfg.vocab_axis])
+  backward = _impl(cfg)[1]
   if mo is None:
-    dh, dw = _impl(cfg)[1](h, w, y, coef, cfg)
+    dh, dw = backward(h, w, y, coef, cfg)
     return dh, dw, None
   # dw alone needs the logit tiles again; when w is frozen XLA drops that
-  # loop, leaving two matmul passes in all (forward logits and moments).
-  _, dw = _xla_backward(h, w, y, coef, cfg, want_dh=False)
+  # pass, leaving two matmul passes in all (forward logits and moments).
+  _, dw = backward(h, w, y, coef, cfg, want_dh=False)
   return _moments_dh(h, w, y, coef, out, mo, cfg), dw, None
 
 
