@@ -91,9 +91,9 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   """Grouped-query attention over key/value blocks -> [B, L, H, K].
 
   `blocks` is a sequence of (k [B, G, S, K], v [B, G, S, K], mask
-  [B, L, S]); one softmax (float32) runs over all of them jointly. Decoding
-  passes (cache, its mask) and (new keys, their mask), so the cache is only
-  read, never copied, inside the layer. The head-major key layout makes
+  [B, L, S]); one softmax (float32) runs over all of them jointly (prefix
+  tuning passes the prefix's keys, then the sequence's). The head-major
+  key layout makes
   the score/value contractions plain batched matmuls (3x faster decode
   attention on CPU than [B, S, G, K]).
 
@@ -113,12 +113,18 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   q = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
       b, g, r * l, k)
   scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-  if len(blocks) == 1 and probe_BxS is None:
-    kb, vb, mask = blocks[0]
+  if probe_BxS is None:
+    # Several blocks (a prefix's keys, then the sequence's) are one key axis
+    # to the softmax: joined, they take the memory-lean custom-VJP path.
+    ks, vs, masks = zip(*blocks)
+    join = lambda xs, axis: xs[0] if len(xs) == 1 else jnp.concatenate(
+        xs, axis=axis)
+    kb, vb = (join([x.astype(q.dtype) for x in xs], 2) for xs in (ks, vs))
+    mask = join(masks, -1)
     o = attend_lib.attend(
-        q, kb.astype(q.dtype), vb.astype(q.dtype), mask, scale=scale,
-        softcap=cfg.attn_softcap,
-        causal_block=attend_lib.causal_block(l) if causal else None)
+        q, kb, vb, mask, scale=scale, softcap=cfg.attn_softcap,
+        causal_block=(attend_lib.causal_block(l)
+                      if causal and len(blocks) == 1 else None))
     return _heads_last(o, b, l, g, r)
   scores = [attend_lib.scores(q, kb.astype(q.dtype), mask, scale,
                               cfg.attn_softcap)[0] for kb, _, mask in blocks]
