@@ -121,7 +121,7 @@ def main():
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--only", default="")
   p.add_argument("--hf_dir", default="")
-  p.add_argument("--remat", default="none",
+  p.add_argument("--remat", default="save_dots",
                  help="tunejax model.remat: none | full | save_dots")
   a = p.parse_args()
   runners = {"tunejax": lambda: run_tunejax(a, "auto"),
