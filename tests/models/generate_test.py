@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tunejax import models
+from tunejax import errors, models
 
 CFG = models.preset("tiny-gemma3")  # Sliding window 8, local + global.
 PROMPTS = [[5, 9, 11], list(range(20, 32)), [7, 7, 7, 7, 7, 7]]
@@ -28,17 +28,17 @@ def greedy(params):
 _FWD = jax.jit(models.forward, static_argnums=0)
 
 
-def _teacher_forced(params, new_BxT):
+def _teacher_forced(params, new_BxT, prompts=PROMPTS):
   """Per row: log-softmax rows [T, V] predicting each new token, and the
   new tokens' log-probs, from one right-padded, jitted forward pass."""
   t = new_BxT.shape[1]
-  width = max(map(len, PROMPTS)) + t
-  seqs = np.zeros((len(PROMPTS), width), np.int32)
-  for i, p in enumerate(PROMPTS):
+  width = max(map(len, prompts)) + t
+  seqs = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
     seqs[i, :len(p) + t] = p + list(new_BxT[i])
   logp = np.asarray(jax.nn.log_softmax(_FWD(CFG, params, seqs), axis=-1))
   out = []
-  for i, p in enumerate(PROMPTS):
+  for i, p in enumerate(prompts):
     rows = logp[i, len(p) - 1:len(p) - 1 + t]
     out.append((rows, rows[np.arange(t), new_BxT[i]]))
   return out
@@ -104,3 +104,28 @@ def test_unscanned_remat_config_generates_the_same(params, greedy):
   out = models.generate(cfg, params, PROMPTS, 16, eos_id=-1)
   np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
   np.testing.assert_allclose(out.logps_BxT, greedy.logps_BxT, atol=1e-5)
+
+
+def test_num_samples_groups_share_one_prefill(params, greedy):
+  """G samples per prompt (GRPO groups): greedy rows repeat the single
+  sample; sampled rows differ within a group and their log-probs are the
+  teacher-forced ones of their own prompt."""
+  g = 3
+  out = models.generate(CFG, params, PROMPTS, 16, eos_id=-1, num_samples=g)
+  np.testing.assert_array_equal(
+      out.tokens_BxT, np.repeat(np.asarray(greedy.tokens_BxT), g, axis=0))
+  np.testing.assert_allclose(
+      out.logps_BxT, np.repeat(np.asarray(greedy.logps_BxT), g, axis=0),
+      atol=1e-5)
+  out = models.generate(CFG, params, PROMPTS, 16, temperature=1.5,
+                        rng=jax.random.key(4), eos_id=-1, num_samples=g)
+  tok = np.asarray(out.tokens_BxT)
+  assert tok.shape == (len(PROMPTS) * g, 16)
+  prompts = [p for p in PROMPTS for _ in range(g)]
+  for i, (_, lp) in enumerate(_teacher_forced(params, tok, prompts)):
+    np.testing.assert_allclose(out.logps_BxT[i], lp, atol=1e-4)
+  for i in range(len(PROMPTS)):
+    group = {tuple(r) for r in tok[i * g:(i + 1) * g]}
+    assert len(group) > 1, group
+  with pytest.raises(errors.TunejaxError, match="num_samples=0"):
+    models.generate(CFG, params, PROMPTS, 4, num_samples=0)

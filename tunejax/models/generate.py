@@ -56,10 +56,10 @@ def _sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
 def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
               top_k: int | None, top_p: float | None, eos_ids: tuple,
-              params, adapters, tokens_BxP, lengths_B, rng):
+              num_samples: int, params, adapters, tokens_BxP, lengths_B, rng):
   b, p = tokens_BxP.shape
   s = p + max_new + seam.position_offset(adapters)  # + virtual tokens
   dtype = jnp.dtype(cfg.dtype)
@@ -88,6 +88,10 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
   # Prefill only writes the (empty) cache; decode steps read it.
   logits, cache = logits_of(params, adapters, tokens_BxP, pos_BxP, seg_BxP,
                             cache, False)
+  if num_samples > 1:  # Each prompt's cache row serves its G samples.
+    rep = lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x
+    logits, cache, lengths_B = jax.tree.map(rep, (logits, cache, lengths_B))
+    b *= num_samples
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   def cond(state):
@@ -141,7 +145,8 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng: jax.Array | None = None, *,
              eos_id: int | Sequence[int] | None = None, adapters=None,
-             seam: Seam | None = None, lengths=None) -> GenerateOutput:
+             seam: Seam | None = None, lengths=None,
+             num_samples: int = 1) -> GenerateOutput:
   """Samples `max_new_tokens` continuations of a batch of prompts.
 
   Args:
@@ -155,16 +160,23 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int,
     eos_id: id(s) that stop a row (default `cfg.eos_id`); the EOS is kept.
     adapters, seam: PEFT seam and adapter leaves (see `transformer.hidden`).
     lengths: prompt lengths when `prompts` is a padded array.
+    num_samples: G continuations per prompt (e.g. a GRPO group). Each
+      prompt is prefilled once; output rows i·G .. i·G + G - 1 are prompt
+      i's samples.
 
   Returns:
-    GenerateOutput(tokens_BxT, logps_BxT, lengths_B).
+    GenerateOutput(tokens_BxT, logps_BxT, lengths_B), B = prompts x G.
   """
   tokens, lens = _left_pad(prompts, lengths, cfg.pad_id)
   if eos_id is None:
     eos_id = cfg.eos_id
   eos_ids = tuple(int(e) for e in np.atleast_1d(eos_id))
   rng = jax.random.key(0) if rng is None else rng
+  if int(num_samples) < 1:
+    raise errors.TunejaxError(f"generate: num_samples={num_samples} must be "
+                              ">= 1")
   return _generate(cfg, seam or DEFAULT_SEAM, int(max_new_tokens),
-                   float(temperature), top_k, top_p, eos_ids, params,
+                   float(temperature), top_k, top_p, eos_ids,
+                   int(num_samples), params,
                    adapters or {}, jnp.asarray(tokens), jnp.asarray(lens),
                    rng)
