@@ -97,8 +97,11 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   the score/value contractions plain batched matmuls (3x faster decode
   attention on CPU than [B, S, G, K]).
 
-  `causal`: a single block's mask is causal by index (self-attention
-  without a cache), so the masked upper triangle can be skipped.
+  `causal`: self-attention without a cache: a single block's mask is
+  causal by index, so the masked upper triangle can be skipped, and
+  several blocks (a prefix's keys, then the sequence's) are joined into one
+  key axis for the memory-lean custom-VJP path. With a cache (not causal)
+  blocks are never joined: that would copy the cache in every decode step.
 
   With `probe_BxS` (weights over the last block's keys), returns
   (out, mass_BxL): each query's head-averaged attention probability mass
@@ -113,9 +116,7 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   q = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
       b, g, r * l, k)
   scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-  if probe_BxS is None:
-    # Several blocks (a prefix's keys, then the sequence's) are one key axis
-    # to the softmax: joined, they take the memory-lean custom-VJP path.
+  if probe_BxS is None and (causal or len(blocks) == 1):
     ks, vs, masks = zip(*blocks)
     join = lambda xs, axis: xs[0] if len(xs) == 1 else jnp.concatenate(
         xs, axis=axis)

@@ -128,7 +128,7 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   elif cfg.s2_group and len(blocks) == 1:  # LongLoRA, training-time only
     o = layers.s2_attention(cfg, q, *blocks[0], cfg.s2_group)
   else:
-    o = layers.attention(cfg, q, blocks, causal=True)
+    o = layers.attention(cfg, q, blocks, causal=cache_kv is None)
   o = act("attn/heads", o, _sub(aa, "heads"))
   o = linear("attn/o", o.reshape(b, l, -1), at["o"], _sub(aa, "o"))
   if cfg.post_norms:
