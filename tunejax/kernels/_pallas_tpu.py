@@ -23,6 +23,9 @@ from jax.experimental.pallas import tpu as pltpu
 from tunejax.kernels import _tiles
 
 _N_STATS = len(_tiles.Stats._fields)
+# VMEM for the forward's [block_n, D] moment blocks: token blocks shrink to
+# fit it at large D (D = 8192 with entropy: block_n 128).
+_MOMENT_VMEM = 24 * 2**20
 
 
 def _blocks(n, v, cfg):
@@ -120,11 +123,13 @@ def forward(h, w, y, cfg, moments: bool = False):
   """[N, 4] stats; with `moments`, also the finalized `_tiles.Moments`
   (`[N, D]` accumulators in VMEM next to the per-token stats)."""
   n, (d, v) = h.shape[0], w.shape
-  bn, bv = _blocks(n, v, cfg)
-  n_pad = -(-n // bn) * bn
-  col = lambda i, j: (i, 0)
   fields = _tiles.moment_fields(cfg) if moments else (False, False)
   n_mo = (1 + sum(fields)) if moments else 0
+  bn, bv = _blocks(n, v, cfg)
+  if n_mo:  # Each moment holds a scratch and two output (bn, D) f32 blocks.
+    bn = min(bn, max(8, _MOMENT_VMEM // (n_mo * 3 * d * 4) // 8 * 8))
+  n_pad = -(-n // bn) * bn
+  col = lambda i, j: (i, 0)
   outs = pl.pallas_call(
       functools.partial(_fwd_kernel, sc=cfg.scaling, vocab=v, block_v=bv,
                         n_out=4 + n_mo, moment_fields=fields),
