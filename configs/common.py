@@ -21,7 +21,8 @@ def base() -> ml_collections.ConfigDict:
   c.checkpoint = dict(every=0, keep=3, resume=True, async_save=True,
                       export_at_end=False)
   c.eval = dict(every=0, batches=2, data={}, generate_examples=0,
-                max_new_tokens=16, temperature=0.0, prompts=())
+                max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0,
+                prompts=(), num_samples=1)
   c.log = dict(every=10, tensorboard=True, progress=True, peak_tflops=0.0)
   return ml_collections.ConfigDict(c)
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tunejax import models, plot, train, tree
+from tunejax import errors, models, plot, train, tree
 from tunejax.train import metrics as metrics_lib
 from tests.train.helpers import tiny_config
 
@@ -63,10 +63,19 @@ def test_eval_and_generate_tasks_use_the_checkpoint(trained, capsys):
   lines = open(os.path.join(wd, "generate.jsonl")).read().splitlines()
   assert [json.loads(l)["prompt"] for l in lines] == ["12+34=", "7+8="]
   assert len(res["texts"]) == 2
+  # Sampled: two completions per prompt, grouped by prompt.
+  gen = dataclasses.replace(gen, eval=dataclasses.replace(
+      gen.eval, temperature=1.0, top_k=5, top_p=0.9, num_samples=2))
+  train.run(gen, wd)
+  rows = [json.loads(l) for l in
+          open(os.path.join(wd, "generate.jsonl")).read().splitlines()]
+  assert [(r["prompt"], r["sample"]) for r in rows] == [
+      ("12+34=", 0), ("12+34=", 1), ("7+8=", 0), ("7+8=", 1)]
+  with pytest.raises(errors.ConfigError, match="config.eval.num_samples"):
+    tiny_config(eval={"num_samples": 0})
 
 
 def test_nan_loss_is_one_clear_error(tmp_path):
-  from tunejax import errors
   cfg = tiny_config(total_steps=4, optim={"name": "sgd", "lr": 1e30,
                                           "clip_norm": 0.0},
                     eval={"every": -1})

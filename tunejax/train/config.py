@@ -85,7 +85,18 @@ class EvalSection:
   generate_examples: int = 0   # >0: exact-match accuracy on prompt_answer
   max_new_tokens: int = 16
   temperature: float = 0.0
+  top_k: int = 0               # 0 = no top-k truncation
+  top_p: float = 1.0           # 1 = no nucleus truncation
   prompts: tuple[str, ...] = ()  # task=generate
+  num_samples: int = 1         # task=generate: completions per prompt
+
+  def validate(self):
+    if self.num_samples < 1:
+      raise errors.ConfigError("config.eval.num_samples: must be >= 1")
+    if self.top_k < 0:
+      raise errors.ConfigError("config.eval.top_k: must be >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      raise errors.ConfigError("config.eval.top_p: must be in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

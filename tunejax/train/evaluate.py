@@ -67,14 +67,17 @@ class Evaluator:
 
 
 def generate_texts(run, state, prompt_ids, tokenizer, max_new_tokens,
-                   temperature=0.0, seed=0) -> list[str]:
-  """Decoded completions of `prompt_ids` under the current (adapted) model."""
+                   temperature=0.0, seed=0, *, top_k=0, top_p=1.0,
+                   num_samples=1) -> list[str]:
+  """Decoded completions of `prompt_ids` under the current (adapted) model
+  (`num_samples` per prompt, grouped by prompt)."""
   base, adapters = run.method.assemble(state.params, state.frozen)
   out = models.generate(run.model_cfg, base, prompt_ids, max_new_tokens,
-                        temperature=temperature,
+                        temperature=temperature, top_k=top_k or None,
+                        top_p=top_p if top_p < 1.0 else None,
                         rng=jax.random.PRNGKey(seed),
                         eos_id=tokenizer.eos_id, adapters=adapters,
-                        seam=run.method.seam)
+                        seam=run.method.seam, num_samples=num_samples)
   tokens = np.asarray(out.tokens_BxT)
   lengths = np.asarray(out.lengths_B)
   stop = {tokenizer.eos_id, tokenizer.pad_id}

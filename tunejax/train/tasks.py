@@ -177,11 +177,15 @@ def run(cfg: Config, workdir: str) -> dict:
   prompts = [tokenizer.encode(p, add_bos=True) for p in cfg.eval.prompts]
   if not prompts:
     raise errors.ConfigError("config.eval.prompts: task=generate needs prompts")
+  ev = cfg.eval
   texts = evaluate.generate_texts(run_, state, prompts, tokenizer,
-                                  cfg.eval.max_new_tokens,
-                                  cfg.eval.temperature, cfg.seed)
+                                  ev.max_new_tokens, ev.temperature, cfg.seed,
+                                  top_k=ev.top_k, top_p=ev.top_p,
+                                  num_samples=ev.num_samples)
   with open(os.path.join(workdir, "generate.jsonl"), "w") as f:
-    for p, t in zip(cfg.eval.prompts, texts):
-      f.write(json.dumps({"prompt": p, "completion": t}) + "\n")
+    for i, t in enumerate(texts):
+      p = ev.prompts[i // ev.num_samples]
+      f.write(json.dumps({"prompt": p, "sample": i % ev.num_samples,
+                          "completion": t}) + "\n")
       print(f"{p!r} -> {t!r}")
   return {"texts": texts}
