@@ -129,3 +129,12 @@ def test_num_samples_groups_share_one_prefill(params, greedy):
     assert len(group) > 1, group
   with pytest.raises(errors.TunejaxError, match="num_samples=0"):
     models.generate(CFG, params, PROMPTS, 4, num_samples=0)
+
+
+def test_s2_attention_is_training_only(params, greedy):
+  # LongLoRA's shifted sparse attention approximates full attention while
+  # training; generation with such a config attends in full.
+  out = models.generate(CFG.replace(s2_group=4), params, PROMPTS, 16,
+                        eos_id=-1)
+  np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
+  np.testing.assert_allclose(out.logps_BxT, greedy.logps_BxT, atol=1e-5)

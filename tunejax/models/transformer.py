@@ -125,7 +125,9 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   if ctx.attn_probe is not None:
     o, aux["attn/probe_mass"] = layers.attention(cfg, q, blocks,
                                                  ctx.attn_probe)
-  elif cfg.s2_group and len(blocks) == 1:  # LongLoRA, training-time only
+  elif cfg.s2_group and not return_kv and len(blocks) == 1:
+    # LongLoRA's S²-Attn is a training-time approximation; generation (which
+    # always goes through a cache) attends in full, as in the paper.
     o = layers.s2_attention(cfg, q, *blocks[0], cfg.s2_group)
   else:
     o = layers.attention(cfg, q, blocks, causal=cache_kv is None)
