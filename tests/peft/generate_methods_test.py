@@ -25,6 +25,8 @@ METHODS = [
     dict(method="qlora", rank=4),
     dict(method="ia3"),
     dict(method="kasa", rank=4),
+    dict(method="sparse", sparse_k=40),
+    dict(method="lofit"),
 ]
 
 
