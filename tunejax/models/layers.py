@@ -105,7 +105,7 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
 
   With `probe_BxS` (weights over the last block's keys), returns
   (out, mass_BxL): each query's head-averaged attention probability mass
-  on the probed keys (ssToken's attention importance).
+  on the probed keys (ssToken's attention importance; no gradient).
   """
   b, l, h, k = q_BxLxHxK.shape
   g = blocks[0][0].shape[1]
@@ -116,7 +116,7 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
   q = q_BxLxHxK.reshape(b, l, g, r, k).transpose(0, 2, 3, 1, 4).reshape(
       b, g, r * l, k)
   scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-  if probe_BxS is None and (causal or len(blocks) == 1):
+  if causal or len(blocks) == 1:
     ks, vs, masks = zip(*blocks)
     join = lambda xs, axis: xs[0] if len(xs) == 1 else jnp.concatenate(
         xs, axis=axis)
@@ -126,22 +126,30 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
         q, kb, vb, mask, scale=scale, softcap=cfg.attn_softcap,
         causal_block=(attend_lib.causal_block(l)
                       if causal and len(blocks) == 1 else None))
-    return _heads_last(o, b, l, g, r)
-  scores = [attend_lib.scores(q, kb.astype(q.dtype), mask, scale,
-                              cfg.attn_softcap)[0] for kb, _, mask in blocks]
-  p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-  o, start = 0, 0
-  for kb, vb, _ in blocks:
-    pb = p[..., start:start + kb.shape[2]].astype(q.dtype)
-    o = o + jnp.einsum("bgms,bgsk->bgmk", pb,
-                       vb.astype(q.dtype))
-    start += kb.shape[2]
+  else:
+    p = _joint_softmax(q, blocks, scale, cfg.attn_softcap)
+    o, start = 0, 0
+    for kb, vb, _ in blocks:
+      pb = p[..., start:start + kb.shape[2]].astype(q.dtype)
+      o = o + jnp.einsum("bgms,bgsk->bgmk", pb, vb.astype(q.dtype))
+      start += kb.shape[2]
   o = _heads_last(o, b, l, g, r)
   if probe_BxS is None:
     return o
+  # The probe is a statistic (no gradient): its [M, S] probabilities are a
+  # forward temporary, never a saved residual.
+  p = jax.lax.stop_gradient(
+      _joint_softmax(q, blocks, scale, cfg.attn_softcap))
   p_own = p[..., p.shape[-1] - probe_BxS.shape[1]:].reshape(b, g, r, l, -1)
   mass = jnp.einsum("bgrls,bs->bl", p_own, probe_BxS.astype(jnp.float32))
   return o, mass / h
+
+
+def _joint_softmax(q, blocks, scale: float, softcap: float | None):
+  """float32 softmax over the keys of all blocks, [B, G, M, ΣS]."""
+  scores = [attend_lib.scores(q, kb.astype(q.dtype), mask, scale, softcap)[0]
+            for kb, _, mask in blocks]
+  return jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
 
 
 def _heads_last(o_BxGxMxK, b: int, l: int, g: int, r: int) -> jax.Array:

@@ -123,8 +123,8 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
               for a in prefix_kv)
     blocks.insert(0, (pk, pv, _pick(ctx.prefix_masks, is_local)))
   if ctx.attn_probe is not None:
-    o, aux["attn/probe_mass"] = layers.attention(cfg, q, blocks,
-                                                 ctx.attn_probe)
+    o, aux["attn/probe_mass"] = layers.attention(
+        cfg, q, blocks, ctx.attn_probe, causal=cache_kv is None)
   elif cfg.s2_group and not return_kv and len(blocks) == 1:
     # LongLoRA's S²-Attn is a training-time approximation; generation (which
     # always goes through a cache) attends in full, as in the paper.
