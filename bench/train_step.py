@@ -51,7 +51,8 @@ def run_tunejax(a):
   from tunejax.train import config as tcfg, setup
   cfg = config_lib.build(tcfg.Config, dict(
       total_steps=1000, model=dict(name="tiny", overrides=W1,
-                                   scan_layers=a.scan_layers == "true"),
+                                   scan_layers=a.scan_layers == "true",
+                                   remat=a.remat),
       peft=(dict(method="lora", rank=16, alpha=32.0) if a.method == "lora"
             else dict(method="none")),
       optim=dict(name="adamw", lr=1e-4), mesh=dict(data=1),
@@ -127,6 +128,8 @@ def main():
   p.add_argument("--scan_layers", default="true", choices=["true", "false"],
                  help="tunejax model.scan_layers (false: unrolled layers, "
                  "no stacked residual buffers; faster at this depth on CPU)")
+  p.add_argument("--remat", default="none",
+                 help="tunejax model.remat: none | full | save_dots")
   p.add_argument("--loss_impl", default="auto",
                  help="token_stats impl for tunejax: auto | xla | naive")
   a = p.parse_args()
@@ -139,7 +142,8 @@ def main():
                           f"--steps={a.steps}", f"--batch={a.batch}",
                           f"--seq={a.seq}", f"--method={a.method}",
                           f"--loss_impl={a.loss_impl}",
-                          f"--scan_layers={a.scan_layers}"],
+                          f"--scan_layers={a.scan_layers}",
+                          f"--remat={a.remat}"],
                          capture_output=True, text=True, check=False)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode or not lines:
