@@ -111,3 +111,23 @@ def test_longlora_trains_lora_embeddings_and_norms():
   merged = run.method.merged(state.params, state.frozen)
   assert set(tree.flatten(merged)) == set(tree.flatten(
       models.init(model_cfg, jax.random.PRNGKey(0))))
+
+
+def test_training_uses_s2_attention_and_eval_attends_in_full():
+  from tunejax import losses  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(model={"overrides": {"vocab_size": 259, "s2_group": 8}},
+                    peft={"method": "lora", "rank": 4})
+  model_cfg, _ = setup.load_model(cfg.model)
+  state, run = setup.build(cfg, model_cfg, None)
+  b = {k: jnp.asarray(v) for k, v in random_batch(0).items()}
+  train_h = run.apply_fn(state.params, state.frozen, {**b, "step": 0},
+                         jax.random.PRNGKey(0))[0].h_BxLxD
+  eval_h = run.eval_apply_fn(state.params, state.frozen, b, None)[0].h_BxLxD
+  base, ad = run.method.assemble(state.params, state.frozen)
+  tokens, pos, seg = losses.model_inputs(b)
+  dense, s2 = (models.hidden(dataclasses.replace(model_cfg, s2_group=g), base,
+                             tokens, pos, seg, adapters=ad,
+                             seam=run.method.seam) for g in (0, 8))
+  np.testing.assert_allclose(eval_h, dense, atol=1e-6)
+  np.testing.assert_allclose(train_h, s2, atol=1e-6)
+  assert np.abs(np.asarray(dense) - np.asarray(s2)).max() > 1e-3

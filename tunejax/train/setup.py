@@ -153,6 +153,9 @@ class Run(NamedTuple):
   loss_fn: Any
   jitted: dict  # compiled-step cache
   history: history_lib.History | None = None  # history model, if any
+  # Evaluation's apply: full attention under a LongLoRA `s2_group` (S²-Attn
+  # approximates it while training; the paper evaluates in full).
+  eval_apply_fn: Any = None
 
 
 _RUNS: dict = {}
@@ -205,21 +208,23 @@ def _make_run(cfg: Config, model_cfg) -> Run:
   state_sh = TrainState(step=repl, params=t_sh, frozen=f_sh,
                         opt_state=opt_sh, rng=repl,
                         history=None if hist is None else t_sh)
+  apply = functools.partial(
+      make_apply, method=method,
+      with_ref=(losses.get(cfg.loss.name).needs_ref
+                and cfg.loss.reference == "online"),
+      masked_thought=cfg.data.masked_thought,
+      mask_id=(model_cfg.pad_id if cfg.data.mask_token_id is None
+               else cfg.data.mask_token_id),
+      total_steps=cfg.total_steps,
+      attn_mass=(losses.get(cfg.loss.name).needs_attn_mass and
+                 cfg.loss.options.get("attention", True)))
   return Run(model_cfg=model_cfg, method=method, tx=tx, lr_schedule=sched,
              mesh=mesh, rules=rules, state_shardings=state_sh,
              batch_sharding=sharding.batch_sharding(mesh, rules),
-             apply_fn=make_apply(
-                 model_cfg, method,
-                 with_ref=(losses.get(cfg.loss.name).needs_ref
-                           and cfg.loss.reference == "online"),
-                 masked_thought=cfg.data.masked_thought,
-                 mask_id=(model_cfg.pad_id if cfg.data.mask_token_id is None
-                          else cfg.data.mask_token_id),
-                 total_steps=cfg.total_steps,
-                 attn_mass=(losses.get(cfg.loss.name).needs_attn_mass and
-                            cfg.loss.options.get("attention", True))),
+             apply_fn=apply(model_cfg),
              loss_fn=make_loss(cfg.loss.name, cfg.loss.options), jitted={},
-             history=hist)
+             history=hist,
+             eval_apply_fn=apply(model_cfg.replace(s2_group=0)))
 
 
 def _init_fn(run: Run, pretrained: bool):
@@ -305,7 +310,7 @@ def jit_train_step(run: Run, micro_batches: int):
 
 def jit_eval_step(run: Run):
   if "eval" not in run.jitted:
-    fn = functools.partial(step_lib.eval_step, apply_fn=run.apply_fn,
+    fn = functools.partial(step_lib.eval_step, apply_fn=run.eval_apply_fn,
                            loss_fn=run.loss_fn)
     sh = run.state_shardings
     run.jitted["eval"] = jax.jit(
