@@ -4,6 +4,7 @@ Same weights on both sides (the random HF model is saved and loaded by
 tunejax). Prints tokens/s and the tunejax / transformers ratios.
 
   python bench/forward.py [--d 512 --layers 8 --batch 8 --prompt 64 --new 128]
+                          [--num_samples 4 --prompt 512]   # GRPO-style groups
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def main():
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--forward_len", type=int, default=256)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--num_samples", type=int, default=1,
+                  help="completions per prompt (GRPO-style groups): tunejax "
+                  "prefills each prompt once, transformers' "
+                  "num_return_sequences repeats it before prefill")
   args = ap.parse_args()
 
   torch.manual_seed(0)
@@ -68,21 +73,29 @@ def main():
   print(f"forward  tokens/s: tunejax {n / t_jax:10.1f}   transformers "
         f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
 
-  # Greedy decode (prefill included; every row runs all new tokens).
+  # Decode, prefill included; every row runs all new tokens. Greedy, or
+  # sampled groups with --num_samples.
   plist = [list(p) for p in prompts]
-  gen = lambda: models.generate(cfg, params, plist, args.new,
-                                eos_id=-1).tokens_BxT.block_until_ready()
+  # Groups are sampled (transformers has no greedy num_return_sequences);
+  # top-k 50 is transformers' sampling default.
+  sample = args.num_samples > 1
+  gen = lambda: models.generate(
+      cfg, params, plist, args.new, temperature=1.0 if sample else 0.0,
+      top_k=50 if sample else None, eos_id=-1,
+      num_samples=args.num_samples).tokens_BxT.block_until_ready()
   gen()
   t_jax = best_of(gen, args.repeats)
   pt = torch.tensor(prompts)
   with torch.no_grad():
     hf_gen = lambda: hf.generate(pt, attention_mask=torch.ones_like(pt),
                                  max_new_tokens=args.new,
-                                 min_new_tokens=args.new, do_sample=False,
+                                 min_new_tokens=args.new, do_sample=sample,
+                                 **({"top_k": 50} if sample else {}),
+                                 num_return_sequences=args.num_samples,
                                  pad_token_id=0)
     hf_gen()
     t_hf = best_of(hf_gen, args.repeats)
-  n = args.batch * args.new
+  n = args.batch * args.num_samples * args.new
   print(f"decode   tokens/s: tunejax {n / t_jax:10.1f}   transformers "
         f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
 
