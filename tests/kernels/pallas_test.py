@@ -57,27 +57,35 @@ def test_interpret_mode_equals_xla_path(impl, inputs, xla_result):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("impl,platform,target", [
-    ("pallas_tpu", "tpu", "tpu_custom_call"),
-    ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton"),
-])
-def test_lowers_for_accelerators_at_gemma3_shape(impl, platform, target):
-  """Lowering only (no device here): block shapes, primitives, Mosaic/Triton
-  IR emission for forward + backward with bf16 inputs and a softcap."""
-  n, d, v = 4096, 640, 262144
+def _lowered_grad(platform, shape, loss_of_stats, argnums=(0, 1), **opts):
+  """StableHLO of a bf16 loss gradient through token_stats, lowered for
+  `platform` (lowering only: no device here)."""
+  n, d, v = shape
   args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
           jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
           jax.ShapeDtypeStruct((n,), jnp.int32))
 
   def grads(h, w, y):
     def loss(h, w):
-      st = kernels.token_stats(h, w, y, impl=impl, softcap=30.0,
-                               want_entropy=True, interpret=False)
-      return jnp.sum(st.logp) + jnp.sum(st.entropy) + jnp.sum(st.lse**2)
-    return jax.grad(loss, argnums=(0, 1))(h, w)
+      return loss_of_stats(kernels.token_stats(h, w, y, interpret=False,
+                                               **opts))
+    return jax.grad(loss, argnums=argnums)(h, w)
 
-  text = jax.jit(grads).trace(*args).lower(
+  return jax.jit(grads).trace(*args).lower(
       lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("impl,platform,target", [
+    ("pallas_tpu", "tpu", "tpu_custom_call"),
+    ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton"),
+])
+def test_lowers_for_accelerators_at_gemma3_shape(impl, platform, target):
+  """Block shapes, primitives, Mosaic/Triton IR emission for forward +
+  backward with bf16 inputs and a softcap."""
+  text = _lowered_grad(
+      platform, (4096, 640, 262144),
+      lambda st: jnp.sum(st.logp) + jnp.sum(st.entropy) + jnp.sum(st.lse**2),
+      impl=impl, softcap=30.0, want_entropy=True)
   calls = re.findall(r"custom_call @([\w$.]+)", text)
   # One forward kernel plus the backward kernel(s), all on the target.
   assert calls.count(target) >= 2, calls
@@ -87,19 +95,8 @@ def _live_tpu_kernels(argnums):
   """Mosaic kernels whose results are used, in the TPU lowering of a CE
   gradient w.r.t. `argnums` (XLA deletes the unused ones: they have no side
   effects)."""
-  n, d, v = 1024, 640, 32768
-  args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
-          jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
-          jax.ShapeDtypeStruct((n,), jnp.int32))
-
-  def grads(h, w, y):
-    def loss(h, w):
-      st = kernels.token_stats(h, w, y, impl="pallas_tpu", interpret=False)
-      return -jnp.sum(st.logp)
-    return jax.grad(loss, argnums=argnums)(h, w)
-
-  text = jax.jit(grads).trace(*args).lower(
-      lowering_platforms=("tpu",)).as_text()
+  text = _lowered_grad("tpu", (1024, 640, 32768), lambda st: -jnp.sum(st.logp),
+                       argnums, impl="pallas_tpu")
   assert "has_side_effect = true" not in text
   results = re.findall(r"(%[\w]+)(?::\d+)? = stablehlo.custom_call "
                        r"@tpu_custom_call", text)

@@ -141,16 +141,15 @@ def test_s2_attention_is_training_only(params, greedy):
 
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
-def test_nucleus_floor_equals_sorted_prefix(top_p):
+def test_top_p_keeps_the_smallest_sorted_prefix(top_p):
   """The bisection's kept set == the smallest sorted prefix whose mass
   reaches top_p (numpy float64), incl. -inf (top-k masked) logits."""
-  from tunejax.models.generate import _nucleus_floor, _order_keys  # pylint: disable=g-import-not-at-top
+  from tunejax.models.generate import _top_p  # pylint: disable=g-import-not-at-top
   rs = np.random.RandomState(int(top_p * 1000))
   logits = rs.randn(5, 700).astype(np.float32) * 3
   logits[0, 100:] = -np.inf
   logits[1, :] = logits[1, 0]  # all tied: every token is kept
-  floor = _nucleus_floor(jax.numpy.asarray(logits), top_p)
-  kept = np.asarray(_order_keys(jax.numpy.asarray(logits)) >= floor)
+  kept = np.isfinite(np.asarray(_top_p(jax.numpy.asarray(logits), top_p)))
   for row, got in zip(logits.astype(np.float64), kept):
     p = np.exp(row - row.max())
     p /= p.sum()

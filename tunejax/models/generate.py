@@ -42,13 +42,14 @@ def _order_keys(x):
   return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _nucleus_floor(logits_BxV: jax.Array, top_p: float) -> jax.Array:
-  """Order keys `[B, 1]` of the smallest logit top-p sampling keeps.
+def _top_p(logits_BxV: jax.Array, top_p: float) -> jax.Array:
+  """Logits outside the top-p nucleus set to -inf.
 
-  That logit is the largest c with softmax mass(logits >= c) >= top_p (the
-  smallest prefix of the sorted distribution reaching top_p, ties at its
-  edge kept). Found by bisection over the 2^32 float keys, 32 masked sums:
-  inside the decode loop XLA:CPU sorts a [B, V] row ~20x slower.
+  The nucleus is every logit >= c, the largest c with softmax
+  mass(logits >= c) >= top_p (the smallest prefix of the sorted
+  distribution reaching top_p, ties at its edge kept). c is found by
+  bisection over the 2^32 float keys, 32 masked sums: inside the decode
+  loop XLA:CPU sorts a [B, V] row ~20x slower.
   """
   probs = jax.nn.softmax(logits_BxV, axis=-1)
   key = _order_keys(logits_BxV)
@@ -62,7 +63,8 @@ def _nucleus_floor(logits_BxV: jax.Array, top_p: float) -> jax.Array:
 
   lo_hi = (jnp.min(key, axis=-1, keepdims=True),
            jnp.max(key, axis=-1, keepdims=True))
-  return jax.lax.fori_loop(0, 32, halve, lo_hi)[0]
+  floor = jax.lax.fori_loop(0, 32, halve, lo_hi)[0]
+  return jnp.where(key < floor, -jnp.inf, logits_BxV)
 
 
 def _sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
@@ -77,8 +79,7 @@ def _sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
     kth = jnp.min(jax.lax.top_k(logits, top_k)[0], axis=-1, keepdims=True)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p is not None:
-    logits = jnp.where(_order_keys(logits) < _nucleus_floor(logits, top_p),
-                       -jnp.inf, logits)
+    logits = _top_p(logits, top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
