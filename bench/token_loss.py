@@ -3,36 +3,54 @@
 For each (N, D, V): forward+backward of a masked mean cross-entropy + z-loss
 w.r.t. (h, w), bf16 inputs. Reports the compiled temp bytes
 (`memory_analysis()`, compile only) and, when the naive program fits in the
-free RAM, wall time (best of --repeats runs after one warm-up: the minimum
-is the least noisy estimate on a shared machine).
+free memory, wall time (best of --repeats runs after one warm-up: the
+minimum is the least noisy estimate on a shared machine) and how far each
+fused result is from the naive one. On a GPU or TPU the backend's Pallas
+body runs too, and torch runs on CUDA when it sees a GPU.
 
   python bench/token_loss.py                       # default sizes
   python bench/token_loss.py --sizes 1024x640x32768 --repeats 3
 """
 import argparse
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import psutil
-import torch
+# torch shares the GPU with JAX here: JAX must not take 75% of it up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from tunejax import kernels
-from timing import best_of  # bench/timing.py
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from tunejax import kernels  # noqa: E402
+from timing import best_of  # bench/timing.py  # noqa: E402
 
 # The issue's two sizes, plus a quarter of the first that lets the naive
 # program run next to other jobs on a 24 GiB machine.
 DEFAULT_SIZES = ("1024x640x262144", "4096x640x262144", "8192x2048x128256")
-IMPLS = ("naive", "xla")
 
 
-def loss_fn(impl):
+def impls():
+  on_cpu = jax.default_backend() == "cpu"
+  return ("naive", "xla") if on_cpu else ("naive", "xla", "pallas")
+
+
+TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def loss_fn(impl, block_n=None, block_v=None, grads=(0, 1)):
+  """jit of the loss and its gradients w.r.t. `grads` (argnums; () for
+  the loss alone)."""
   def loss(h, w, y):
-    st = kernels.token_stats(h, w, y, impl=impl)
+    st = kernels.token_stats(h, w, y, impl=impl, block_n=block_n,
+                             block_v=block_v)
     valid = y >= 0
     per_tok = -st.logp + 1e-4 * st.lse**2
     return jnp.sum(jnp.where(valid, per_tok, 0.0)) / jnp.sum(valid)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  if not grads:
+    return jax.jit(lambda h, w, y: (loss(h, w, y), ()))
+  return jax.jit(jax.value_and_grad(loss, argnums=grads))
 
 
 def _abstract(n, d, v):
@@ -45,6 +63,19 @@ def _time(fn, repeats):
   return best_of(fn, repeats, warmup=True)
 
 
+def _free_bytes():
+  """Free memory of the device the programs run on."""
+  stats = jax.devices()[0].memory_stats()
+  if stats and "bytes_limit" in stats:
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+  return psutil.virtual_memory().available
+
+
+def _rel_err(a, b):
+  a, b = (np.asarray(x, np.float64) for x in (a, b))
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
 def _inputs(n, d, v, seed=0):
   rng = np.random.default_rng(seed)
   h = rng.normal(size=(n, d)).astype(np.float32)
@@ -54,10 +85,11 @@ def _inputs(n, d, v, seed=0):
   return h, w, y
 
 
-def _torch_time(h, w, y, repeats):
-  th = torch.tensor(h, dtype=torch.bfloat16, requires_grad=True)
-  tw = torch.tensor(w, dtype=torch.bfloat16, requires_grad=True)
-  ty = torch.tensor(y, dtype=torch.int64)
+def _torch_time(h, w, y, repeats, grads):
+  kw = dict(dtype=torch.bfloat16, device=TORCH_DEVICE)
+  th = torch.tensor(h, requires_grad=0 in grads, **kw)
+  tw = torch.tensor(w, requires_grad=1 in grads, **kw)
+  ty = torch.tensor(y, dtype=torch.int64, device=TORCH_DEVICE)
 
   def step():
     th.grad = tw.grad = None
@@ -65,48 +97,74 @@ def _torch_time(h, w, y, repeats):
     valid = ty >= 0
     loss = torch.nn.functional.cross_entropy(logits, ty, ignore_index=-1)
     loss = loss + 1e-4 * (torch.logsumexp(logits, -1)[valid] ** 2).mean()
-    loss.backward()
+    if grads:
+      loss.backward()
+    if TORCH_DEVICE == "cuda":
+      torch.cuda.synchronize()
 
   return _time(step, repeats)
 
 
-def bench(n, d, v, repeats, run_limit, max_tflop):
+def bench(n, d, v, repeats, run_limit, max_tflop, grads):
+  names = impls()
   compiled, temp = {}, {}
-  for impl in IMPLS:
-    compiled[impl] = loss_fn(impl).lower(*_abstract(n, d, v)).compile()
+  for impl in names:
+    compiled[impl] = loss_fn(impl, grads=grads).lower(
+        *_abstract(n, d, v)).compile()
     temp[impl] = compiled[impl].memory_analysis().temp_size_in_bytes
   print(f"\nN={n} D={d} V={v}")
-  for impl in IMPLS:
+  for impl in names:
     print(f"  {impl:6s} temp {temp[impl] / 2**20:10.1f} MiB")
   print(f"  temp ratio naive/fused: {temp['naive'] / temp['xla']:.0f}x")
   tflop = 2 * n * d * v / 1e12
   if tflop > max_tflop:
     print(f"  not run: one h @ w is {tflop:.1f} TFLOP (> --max_tflop)")
     return
-  # Each program runs only if it fits comfortably in the free RAM (the
-  # machine is shared: an OOM kill may hit someone else's process). Host
+  # Each program runs only if it fits comfortably in the free memory (a
+  # shared machine: an OOM kill may hit someone else's process). Host
   # copies made here: float64 draws, float32 arrays, bf16 device arrays.
   host = (n * d + d * v) * (8 + 4 + 2 * 2)
-  fits = lambda need: need + host < run_limit * psutil.virtual_memory(
-      ).available
+  fits = lambda need: need + host < run_limit * _free_bytes()
   h, w, y = _inputs(n, d, v)
   args = (jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16),
           jnp.asarray(y))
-  secs = {}
-  for impl in IMPLS:
+  secs, results = {}, {}
+  for impl in names:
     if fits(temp[impl]):
-      secs[impl] = _time(lambda c=compiled[impl]: jax.block_until_ready(
-          c(*args)), repeats)
+      run = lambda c=compiled[impl]: jax.block_until_ready(c(*args))
+      secs[impl] = _time(run, repeats)
+      results[impl] = jax.tree.map(np.asarray, run())
   # torch holds bf16 and float32 logits, their grads and the softmax.
   if fits(n * v * (2 + 4 * 3)):
-    secs["torch"] = _torch_time(h, w, y, repeats)
-  for name in ("naive", "xla", "torch"):
-    shown = f"{secs[name]:8.3f} s" if name in secs else "not run (RAM)"
-    print(f"  {name:6s} fwd+bwd {shown}")
-  if "naive" in secs and "xla" in secs:
-    print(f"  time ratio fused/naive: {secs['xla'] / secs['naive']:.2f}")
-  if "torch" in secs and "xla" in secs:
-    print(f"  time ratio fused/torch: {secs['xla'] / secs['torch']:.2f}")
+    secs["torch"] = _torch_time(h, w, y, repeats, grads)
+  for name in names + ("torch",):
+    shown = f"{secs[name]:8.3f} s" if name in secs else "not run (memory)"
+    print(f"  {name:6s} {shown}")
+  for impl in names[1:]:
+    if "naive" in results and impl in results:
+      (loss, ds), (loss0, ds0) = results[impl], results["naive"]
+      errs = " ".join(f"{name} {_rel_err(a, b):.1e}"
+                      for name, a, b in zip(("dh", "dw"), ds, ds0))
+      print(f"  {impl}: |loss - naive| {abs(loss - loss0):.2e}, rel err "
+            f"{errs}")
+    for base in ("naive", "torch"):
+      if base in secs and impl in secs:
+        print(f"  time ratio {impl}/{base}: {secs[impl] / secs[base]:.2f}")
+
+
+def sweep(n, d, v, specs, repeats, grads):
+  """Times the fused op for each `impl:BNxBV` tile spec (tuning)."""
+  h, w, y = _inputs(n, d, v)
+  args = (jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16),
+          jnp.asarray(y))
+  print(f"\nN={n} D={d} V={v}: tile sweep")
+  for spec in specs:
+    impl, tiles = spec.split(":")
+    bn, bv = map(int, tiles.split("x"))
+    c = loss_fn(impl, bn, bv, grads).lower(*_abstract(n, d, v)).compile()
+    temp = c.memory_analysis().temp_size_in_bytes
+    secs = _time(lambda: jax.block_until_ready(c(*args)), repeats)
+    print(f"  {spec:20s} {secs * 1e3:9.2f} ms  temp {temp / 2**20:8.1f} MiB")
 
 
 def main():
@@ -118,13 +176,24 @@ def main():
                       help="compile only when one h @ w exceeds this")
   parser.add_argument("--run_limit", type=float, default=0.5,
                       help="run a program only if it needs < this share of "
-                      "the free RAM")
+                      "the free memory")
+  parser.add_argument("--sweep", nargs="*", default=(),
+                      help="impl:BNxBV tile specs to time instead of the "
+                      "comparison (e.g. xla:2048x4096 pallas:64x128)")
+  parser.add_argument("--grads", default="hw", choices=("hw", "h", "none"),
+                      help="gradients taken: w.r.t. h and w, h alone (a "
+                      "frozen unembedding, as in LoRA), or none (forward)")
   args = parser.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+  grads = {"hw": (0, 1), "h": (0,), "none": ()}[args.grads]
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+        f"torch {torch.__version__} on {TORCH_DEVICE} "
+        f"({torch.get_num_threads()} threads)")
   for size in args.sizes:
+    if args.sweep:
+      sweep(*map(int, size.split("x")), args.sweep, args.repeats, grads)
+      continue
     bench(*map(int, size.split("x")), args.repeats, args.run_limit,
-          args.max_tflop)
+          args.max_tflop, grads)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,22 @@
-"""Pallas GPU (Triton) bodies of token_stats.
+"""Pallas GPU (Triton) forward body of token_stats.
 
 Triton programs of a grid run concurrently, so reductions happen inside a
-program (loops over vocabulary and D chunks) or through atomics, never by
-revisiting an output block. Triton arrays must have power-of-2 shapes, so D
-(640 for Gemma 3 270M) is walked in power-of-2 chunks `block_d` that divide
-it, and the ragged end of the vocabulary uses masked loads and a padded dw.
+program (loops over vocabulary and D chunks), never by revisiting an output
+block. Triton arrays must have power-of-2 shapes, so D (640 for Gemma 3
+270M) is walked in power-of-2 chunks `block_d` that divide it, and the
+ragged end of the vocabulary uses masked loads.
 
-forward: grid over token blocks; each program streams all vocabulary blocks
-  (online logsumexp, as in Cut Cross-Entropy's forward).
-backward: grid over (token block, vocabulary block); each program recomputes
-  its logit tile and atomically adds its dh and dw contributions (float32).
+forward: grid over (token block, vocabulary split); each program streams
+  the vocabulary blocks of its split (online logsumexp) and the splits'
+  statistics are merged outside (`_tiles.merge_stats`). Splitting the
+  vocabulary gives enough programs to fill the GPU when tokens are few.
+  On an H100 at N=4096, D=640, V=262144 (bf16): 4.8 ms, vs 5.3 ms for
+  naive logits and 8.5 ms for the XLA path (which also streams the dh
+  moments).
+backward: the XLA chunked path (cuBLAS tiles). A Triton backward that
+  recomputed each (token, vocabulary) tile and atomically added its dh and
+  dw parts (as Cut Cross-Entropy does) took 113 ms at that shape against
+  ~14 ms: N*D*V*(1/block_n + 1/block_v) float32 atomics is ~16G adds.
 """
 import functools
 
@@ -63,85 +70,51 @@ def _scaled_tile(h_ref, w_ref, i, j, *, sc, vocab, block_n, block_v, block_d):
   return _tiles.scale_logits(z, sc), cols, cols < vocab
 
 
-def _fwd_kernel(h_ref, w_ref, y_ref, logp_ref, lse_ref, ent_ref, smooth_ref,
-                **kw):
-  i, vocab = pl.program_id(0), kw["vocab"]
+# Programs to launch in all (an H100 has 132 SMs): the vocabulary is split
+# until the token blocks times the splits reach this.
+_PROGRAMS = 528
+
+
+def _fwd_kernel(h_ref, w_ref, y_ref, *stats_refs, per_split, **kw):
+  i, split = pl.program_id(0), pl.program_id(1)
   y = y_ref[...]
 
   def vocab_block(j, st):
     s, cols, col_ok = _scaled_tile(h_ref, w_ref, i, j, **kw)
     return _tiles.update_stats(st, s, cols, col_ok, y)
 
-  st = jax.lax.fori_loop(0, pl.cdiv(vocab, kw["block_v"]), vocab_block,
+  first = split * per_split
+  last = jnp.minimum(first + per_split, pl.cdiv(kw["vocab"], kw["block_v"]))
+  st = jax.lax.fori_loop(first, last, vocab_block,
                          _tiles.init_stats(kw["block_n"]))
-  outs = _tiles.finalize_stats(st, y, vocab)
-  for ref, x in zip((logp_ref, lse_ref, ent_ref, smooth_ref), outs):
+  for ref, x in zip(stats_refs, st):
     ref[...] = x
 
 
-def _pad_rows(x, rows):
-  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+def _pad_rows(x, rows, value=0):
+  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1),
+                 constant_values=value)
 
 
 def forward(h, w, y, cfg):
   n, (d, v) = h.shape[0], w.shape
   bn, bv, bd = _blocks(n, d, cfg)
   n_pad = -(-n // bn) * bn
+  n_blocks, v_blocks = n_pad // bn, pl.cdiv(v, bv)
+  splits = min(v_blocks, -(-_PROGRAMS // n_blocks))
+  per_split = -(-v_blocks // splits)
   kw = dict(sc=cfg.scaling, vocab=v, block_n=bn, block_v=bv, block_d=bd)
+  y_pad = _pad_rows(y[:, None], n_pad, -1)  # -1 matches no column
   whole = pl.BlockSpec(memory_space=pl.ANY)
-  row = pl.BlockSpec((bn, 1), lambda i: (i, 0))
-  outs = pl.pallas_call(
-      functools.partial(_fwd_kernel, **kw), grid=(n_pad // bn,),
-      in_specs=[whole, whole, row], out_specs=[row] * 4,
-      out_shape=[jax.ShapeDtypeStruct((n_pad, 1), jnp.float32)] * 4,
+  part = pl.BlockSpec((bn, 1), lambda i, k: (i, k))
+  parts = pl.pallas_call(
+      functools.partial(_fwd_kernel, per_split=per_split, **kw),
+      grid=(n_blocks, splits),
+      in_specs=[whole, whole, pl.BlockSpec((bn, 1), lambda i, k: (i, 0))],
+      out_specs=[part] * len(_tiles.Stats._fields),
+      out_shape=[jax.ShapeDtypeStruct((n_pad, splits), jnp.float32)] * len(
+          _tiles.Stats._fields),
       **_params(cfg),
-  )(_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad))
-  return jnp.concatenate(outs, axis=1)[:n]
-
-
-def _bwd_kernel(h_ref, w_ref, y_ref, coef_ref, dh_in, dw_in, dh_ref, dw_ref,
-                *, rows, **kw):
-  del dh_in, dw_in  # aliased to dh_ref / dw_ref (zero-initialised)
-  i, j = pl.program_id(0), pl.program_id(1)
-  bn, bv, bd, vocab = kw["block_n"], kw["block_v"], kw["block_d"], kw["vocab"]
-  s, cols, col_ok = _scaled_tile(h_ref, w_ref, i, j, **kw)
-  row_ids = i * bn + jax.lax.broadcasted_iota(jnp.int32, (bn, 1), 0)
-  ok = jnp.logical_and(col_ok, row_ids < rows)
-  g = _tiles.stats_grad(s, cols, ok, y_ref[...], coef_ref)
-  g = _tiles.unscale_grad(g, s, kw["sc"])
-
-  def d_chunk(k, carry):
-    w = _w_chunk(w_ref, k, j, bd, bv, vocab)
-    h = _h_chunk(h_ref, i, k, bn, bd)
-    plt.atomic_add(dh_ref, (pl.ds(i * bn, bn), pl.ds(k * bd, bd)),
-                   _tiles.matmul_nt(g, w))
-    plt.atomic_add(dw_ref, (pl.ds(k * bd, bd), pl.ds(j * bv, bv)),
-                   _tiles.matmul_tn(h, g))
-    return carry
-
-  jax.lax.fori_loop(0, h_ref.shape[1] // bd, d_chunk, 0)
-
-
-def backward(h, w, y, coef, cfg):
-  n, (d, v) = h.shape[0], w.shape
-  bn, bv, bd = _blocks(n, d, cfg)
-  n_pad = -(-n // bn) * bn
-  # dw is padded to whole vocabulary blocks: the ragged block's extra
-  # columns receive zeros (masked atomics do not run in interpret mode).
-  v_pad = pl.cdiv(v, bv) * bv
-  kw = dict(sc=cfg.scaling, vocab=v, block_n=bn, block_v=bv, block_d=bd)
-  whole = pl.BlockSpec(memory_space=pl.ANY)
-  rows = lambda width: pl.BlockSpec((bn, width), lambda i, j: (i, 0))
-  dh, dw = pl.pallas_call(
-      functools.partial(_bwd_kernel, rows=n, **kw),
-      grid=(n_pad // bn, pl.cdiv(v, bv)),
-      in_specs=[whole, whole, rows(1), rows(_tiles.N_COEFS), whole, whole],
-      out_specs=[whole, whole],
-      out_shape=[jax.ShapeDtypeStruct((n_pad, d), jnp.float32),
-                 jax.ShapeDtypeStruct((d, v_pad), jnp.float32)],
-      input_output_aliases={4: 0, 5: 1},
-      **_params(cfg),
-  )(_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad),
-    _pad_rows(coef, n_pad), jnp.zeros((n_pad, d), jnp.float32),
-    jnp.zeros((d, v_pad), jnp.float32))
-  return dh[:n].astype(h.dtype), dw[:, :v].astype(w.dtype)
+  )(_pad_rows(h, n_pad), w, y_pad)
+  st = _tiles.merge_stats(_tiles.Stats(*parts))
+  return jnp.concatenate(_tiles.finalize_stats(st, y_pad, v), axis=1)[:n]

@@ -132,6 +132,18 @@ def update_stats(st: Stats, s, cols, col_ok, y):
   return Stats(m_new, l, ent, total, tgt)
 
 
+def merge_stats(parts: Stats) -> Stats:
+  """Combines stats of disjoint column sets, `[T, S]` each, into `[T, 1]`
+  (an empty set, m = NEG and l = 0, contributes nothing)."""
+  m = jnp.max(parts.m, axis=1, keepdims=True)
+  scale = jnp.exp(parts.m - m)
+  total = lambda x: jnp.sum(x, axis=1, keepdims=True)
+  # Each part's entropy sum is centred on its own max: re-centre on m.
+  return Stats(m, total(parts.l * scale),
+               total((parts.ent + (parts.m - m) * parts.l) * scale),
+               total(parts.total), total(parts.tgt))
+
+
 def finalize_stats(st: Stats, y, vocab):
   """-> (logp, lse, entropy, smooth), each [T, 1]; y < 0 means ignored."""
   log_l = jnp.log(st.l)

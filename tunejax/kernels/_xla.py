@@ -21,6 +21,23 @@ import jax.numpy as jnp
 from tunejax.kernels import _tiles
 
 
+def default_blocks() -> tuple[int, int]:
+  """(block_n, block_v) of the chunked path on this backend.
+
+  CPU (and TPU): an 8 MiB float32 tile, wide in V because XLA:CPU rewrites
+  the whole bf16 dw once per vocabulary chunk (it has no in-place bf16
+  dynamic-update-slice), so fewer chunks are much faster; at N=4096, D=640,
+  V=262144 the compiled temp memory stays ~160x below naive logits.
+  GPU: every loop iteration launches its kernels, so tiles are 8x larger
+  (a 64 MiB float32 tile, still >= 100x below naive logits at that shape):
+  measured on an H100, value and both gradients at that shape take 45.8 ms
+  with (256, 8192) tiles and 19.8 ms with (4096, 4096).
+  """
+  if jax.default_backend() in ("gpu", "cuda", "rocm"):
+    return 4096, 4096
+  return 256, 8192
+
+
 def plan(n, v, block_n, block_v):
   """Effective block sizes and chunk counts for N tokens, V columns.
 

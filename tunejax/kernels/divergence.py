@@ -48,8 +48,8 @@ class _Acc(NamedTuple):
 
 
 def token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, *, direction="forward",
-             softcap=None, temperature=1.0, impl="auto", block_n=256,
-             block_v=8192):
+             softcap=None, temperature=1.0, impl="auto", block_n=None,
+             block_v=None):
   """Per-token KL(p_ref || p) ('forward') or KL(p || p_ref) ('reverse').
 
   Args:
@@ -60,7 +60,8 @@ def token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, *, direction="forward",
     softcap, temperature: applied to both distributions' logits.
     impl: 'auto' / 'xla' (chunked, any backend) or 'naive' (materialises
       both `[N, V]` log-softmaxes; reference).
-    block_n, block_v: tile sizes of the chunked path.
+    block_n, block_v: tile sizes of the chunked path (default:
+      `_xla.default_blocks()`).
 
   Returns:
     float32 `[N]` KL per token.
@@ -79,7 +80,9 @@ def token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, *, direction="forward",
   if impl == "naive":
     return _reference.token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV,
                                direction == "reverse", sc)
-  cfg = _Cfg(direction == "reverse", sc, block_n, block_v)
+  default_n, default_v = _xla.default_blocks()
+  cfg = _Cfg(direction == "reverse", sc, block_n or default_n,
+             block_v or default_v)
   return _kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, cfg)
 
 

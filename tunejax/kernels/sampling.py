@@ -15,7 +15,7 @@ from tunejax.kernels import _xla
 
 
 def sample_candidates(h_NxD, w_DxV, rng, k, *, temperature=1.0, softcap=None,
-                      block_n=256, block_v=8192):
+                      block_n=None, block_v=None):
   """K distinct tokens per position from softmax(softcap(h @ w) / T).
 
   Args:
@@ -24,7 +24,7 @@ def sample_candidates(h_NxD, w_DxV, rng, k, *, temperature=1.0, softcap=None,
     rng: a PRNG key; the draw depends on it and on the block sizes.
     k: candidates per position.
     temperature, softcap: define the sampling distribution.
-    block_n, block_v: tile sizes.
+    block_n, block_v: tile sizes (default: `_xla.default_blocks()`).
 
   Returns:
     ids_NxK (int32, in order of decreasing perturbed score) and logp_NxK,
@@ -63,5 +63,7 @@ def sample_candidates(h_NxD, w_DxV, rng, k, *, temperature=1.0, softcap=None,
     m, l, _, top_s, top_ids = carry
     return top_ids, top_s - (m + jnp.log(l))
 
+  default_n, default_v = _xla.default_blocks()
   return _xla.forward(((h_NxD, w_DxV),), (row_ids,), init, fold, finish,
-                      block_n=block_n, block_v=block_v)
+                      block_n=block_n or default_n,
+                      block_v=block_v or default_v)

@@ -52,14 +52,10 @@ class Config(NamedTuple):
   vocab_axis: int = 1  # of w: 1 for [D, V], 0 for [V, D]
 
 
-# Default tiles per implementation: (block_n, block_v). XLA: an 8 MiB f32
-# tile, wide in V because XLA:CPU rewrites the whole bf16 dw once per
-# vocabulary chunk (it has no in-place bf16 dynamic-update-slice), so fewer
-# chunks are much faster there; (256, 8192) keeps the compiled temp memory
-# at N=4096, D=640, V=262144 ~160x below naive logits. Pallas TPU tiles fit
-# VMEM with double buffering for D up to ~4k; Triton tiles are register-sized.
-BLOCKS = {"xla": (256, 8192), "pallas_tpu": (256, 512),
-          "pallas_gpu": (64, 128)}
+# Default tiles (block_n, block_v) of the Pallas bodies: TPU tiles fit VMEM
+# with double buffering for D up to ~4k; Triton tiles are register-sized.
+# The XLA path's depend on the backend (`_xla.default_blocks`).
+BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (128, 128)}
 
 
 def resolve_impl(impl: str) -> str:
@@ -79,7 +75,7 @@ def make_config(impl="auto", *, softcap=None, temperature=1.0,
                 want_entropy=False, want_smooth=False, block_n=None,
                 block_v=None, interpret=None) -> Config:
   impl = resolve_impl(impl)
-  default_n, default_v = BLOCKS.get(impl, BLOCKS["xla"])
+  default_n, default_v = BLOCKS.get(impl) or _xla.default_blocks()
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   return Config(
@@ -111,7 +107,8 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
     impl: 'auto' (Pallas on TPU/GPU, XLA on CPU), 'xla' (chunked, any
       backend), 'pallas' (the backend's Pallas body), 'pallas_tpu',
       'pallas_gpu', or 'naive' (materialises logits; reference/baseline).
-    block_v, block_n: tile sizes (defaults per implementation, `BLOCKS`).
+    block_v, block_n: tile sizes (defaults per implementation: `BLOCKS`,
+      and `_xla.default_blocks()` for the chunked path).
     interpret: run Pallas bodies in interpret mode (default: on CPU).
     vocab_axis: which axis of w indexes the vocabulary.
 
@@ -215,12 +212,20 @@ def _impl(cfg: Config):
     from tunejax.kernels import _pallas_tpu  # pylint: disable=g-import-not-at-top
     return _pallas_tpu.forward, _pallas_tpu.backward
   from tunejax.kernels import _pallas_gpu  # pylint: disable=g-import-not-at-top
-  return _pallas_gpu.forward, _pallas_gpu.backward
+
+  def gpu_backward(h, w, y, coef, cfg):
+    # cuBLAS tiles: the Triton backward's atomic dh/dw adds measured 8x
+    # slower on an H100 (see `_pallas_gpu`).
+    bn, bv = _xla.default_blocks()
+    return _xla_backward(h, w, y, coef, cfg._replace(block_n=bn, block_v=bv))
+
+  return _pallas_gpu.forward, gpu_backward
 
 
 # Bodies whose forward streams the `_tiles.Moments`, so dh needs no backward
 # logit pass. The Triton body does not: its [block_n, D] accumulators would
-# not fit in registers / shared memory for real D.
+# not fit in registers / shared memory for real D (its backward is the XLA
+# chunked one, see `_pallas_gpu`).
 _WITH_MOMENTS = ("xla", "pallas_tpu")
 
 
