@@ -71,7 +71,8 @@ def test_merge_stats_equals_one_pass_over_all_columns():
   merged = _tiles.merge_stats(
       jax.tree.map(lambda *x: jnp.concatenate(x, axis=1), *parts))
   for name, a, b in zip(_tiles.Stats._fields, merged, fold(0, 40)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+    # float32 sums of 40 terms in another order (and the GPU's exp).
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def _lowered_grad(platform, shape, loss_of_stats, argnums=(0, 1), **opts):

@@ -55,7 +55,7 @@ class Config(NamedTuple):
 # Default tiles (block_n, block_v) of the Pallas bodies: TPU tiles fit VMEM
 # with double buffering for D up to ~4k; Triton tiles are register-sized.
 # The XLA path's depend on the backend (`_xla.default_blocks`).
-BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (128, 128)}
+BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (256, 128)}
 
 
 def resolve_impl(impl: str) -> str:
