@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tunejax import errors
 from tunejax import kernels
 from tunejax.kernels import _tiles
 
@@ -73,6 +74,21 @@ def test_merge_stats_equals_one_pass_over_all_columns():
   for name, a, b in zip(_tiles.Stats._fields, merged, fold(0, 40)):
     # float32 sums of 40 terms in another order (and the GPU's exp).
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_auto_on_gpu_takes_the_chunked_path_when_triton_cannot(monkeypatch):
+  """D = 8 has no Triton D chunk: on a GPU, 'auto' runs the XLA path and an
+  explicit 'pallas_gpu' is a one-line config error."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  rng = np.random.default_rng(2)
+  h = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 50, 6))
+  got = kernels.token_stats(h, w, y)  # would fail inside a Triton body
+  want = kernels.token_stats(h, w, y, impl="naive")
+  np.testing.assert_allclose(got.logp, want.logp, rtol=1e-5, atol=1e-5)
+  with pytest.raises(errors.ConfigError, match="D divisible by 16, got D=8"):
+    kernels.token_stats(h, w, y, impl="pallas_gpu", interpret=True)
 
 
 def _lowered_grad(platform, shape, loss_of_stats, argnums=(0, 1), **opts):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from tunejax import errors
 from tunejax.kernels import _tiles
 
 
@@ -35,8 +36,8 @@ def _pow2_at_most(x):
 def _blocks(n, d, cfg):
   block_d = next((b for b in (64, 32, 16) if d % b == 0), None)
   if block_d is None:
-    raise ValueError(f"pallas_gpu needs D divisible by 16, got D={d}; use "
-                     "impl='xla'")
+    raise errors.ConfigError(f"token_stats impl=pallas_gpu needs D divisible "
+                             f"by 16, got D={d}; use impl='xla' or 'auto'")
   block_n = min(_pow2_at_most(cfg.block_n), max(16, 1 << (n - 1).bit_length()))
   return block_n, _pow2_at_most(cfg.block_v), block_d
 

@@ -56,6 +56,8 @@ class Config(NamedTuple):
 # with double buffering for D up to ~4k; Triton tiles are register-sized.
 # The XLA path's depend on the backend (`_xla.default_blocks`).
 BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (256, 128)}
+# Triton dots walk D in power-of-2 chunks of at least 16 that divide it.
+_TRITON_D_MULTIPLE = 16
 
 
 def resolve_impl(impl: str) -> str:
@@ -104,7 +106,8 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
     want_entropy: also return the entropy of each token's distribution.
     label_smoothing: when > 0, also return `smooth` = mean log-prob over
       the vocabulary (the caller weights it by the smoothing epsilon).
-    impl: 'auto' (Pallas on TPU/GPU, XLA on CPU), 'xla' (chunked, any
+    impl: 'auto' (Pallas on TPU/GPU, XLA on CPU and on a GPU when D is not
+      a multiple of 16), 'xla' (chunked, any
       backend), 'pallas' (the backend's Pallas body), 'pallas_tpu',
       'pallas_gpu', or 'naive' (materialises logits; reference/baseline).
     block_v, block_n: tile sizes (defaults per implementation: `BLOCKS`,
@@ -115,6 +118,9 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
   Returns:
     TokenStats of float32 `[N]` arrays, differentiable w.r.t. h and w.
   """
+  if (impl == "auto" and resolve_impl(impl) == "pallas_gpu"
+      and h_NxD.shape[1] % _TRITON_D_MULTIPLE):
+    impl = "xla"  # the chunked path takes any D
   cfg = make_config(impl, softcap=softcap, temperature=temperature,
                     want_entropy=want_entropy,
                     want_smooth=label_smoothing > 0, block_n=block_n,
