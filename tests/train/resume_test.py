@@ -30,7 +30,7 @@ def _train_rows(workdir):
 
 
 def _comparable(rows):
-  drop = ("tokens_per_sec", "tflops", "mfu")
+  drop = ("tokens_per_sec", "tflops", "mfu", "first_step_s")
   return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 

@@ -2,12 +2,14 @@
 import dataclasses
 import json
 import os
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from tunejax import errors, models, plot, train, tree
+from tunejax.train import loop
 from tunejax.train import metrics as metrics_lib
 from tests.train.helpers import tiny_config
 
@@ -32,12 +34,21 @@ def test_metrics_and_files(trained):
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
   for r in train_rows:
     assert {"loss", "lr", "grad_norm", "tokens_per_sec", "tflops"} <= set(r)
+  # Compilation is reported once, on the first row, not in the rates.
+  assert [("first_step_s" in r) for r in train_rows] == [True] + [False] * 3
   assert [r["step"] for r in eval_rows] == [0, 2, 4]
   assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in eval_rows)
   for f in ("config.json", "final_metrics.json", "checkpoints"):
     assert os.path.exists(os.path.join(wd, f))
   assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
   assert os.path.getsize(plot.plot(wd)) > 1000
+
+
+def test_throughput_window_leaves_out_evals_and_saves():
+  win = loop._Window()  # pylint: disable=protected-access
+  with win.pause(jax.numpy.zeros(3)):
+    time.sleep(0.3)
+  assert win.seconds() < 0.1
 
 
 def test_export_is_the_merged_model(trained):

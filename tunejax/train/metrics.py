@@ -2,7 +2,8 @@
 
 Only process 0 writes. `metrics.jsonl` has one JSON object per logged step
 (always `step`; train steps add `loss`, `lr`, `grad_norm`,
-`tokens_per_sec`, ...; eval metrics are prefixed `eval/`).
+`tokens_per_sec`, ..., and the first of a run `first_step_s`, the
+compilation; eval metrics are prefixed `eval/`).
 """
 from __future__ import annotations
 
