@@ -1,12 +1,10 @@
 """The host loop: data -> jitted step -> metrics, eval, checkpoints."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ from tunejax import data, errors, optim, peft, sharding
 from tunejax.checkpoint import Checkpointer, abstract
 from tunejax.train import evaluate, setup
 from tunejax.train.config import Config, eval_data
-from tunejax.train.metrics import MetricsWriter
+from tunejax.train.metrics import MetricsWriter, Throughput
 
 
 class _Preemption:
@@ -43,31 +41,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-class _Window:
-  """Tokens and training seconds since the last log row.
-
-  Device work is asynchronous, so time is read only where the host waits
-  anyway; evals and checkpoint saves (`paused`) and the first step of a
-  run (compilation) are left out, so tokens_per_sec is the training rate.
-  """
-
-  def __init__(self):
-    self.restart()
-
-  def restart(self):
-    self.tokens, self.t0, self.paused = 0.0, time.perf_counter(), 0.0
-
-  def seconds(self) -> float:
-    return time.perf_counter() - self.t0 - self.paused
-
-  @contextlib.contextmanager
-  def pause(self, state):
-    jax.block_until_ready(state)  # steps queued so far count as training
-    t = time.perf_counter()
-    yield
-    self.paused += time.perf_counter() - t
-
-
 def _host_metrics(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -89,9 +62,10 @@ def _restore(ckpt: Checkpointer, state, run, it) -> tuple[object, int]:
   return state, step
 
 
-def _log_row(run, cfg: Config, m: dict, step: int, ntokens: float, dt: float):
+def _log_row(run, cfg: Config, m: dict, step: int, rate: dict):
   m["lr"] = float(run.lr_schedule(step - 1))
-  m["tokens_per_sec"] = ntokens / max(dt, 1e-9)
+  m.update(rate)
+  m["tokens_per_sec"] *= jax.process_count()  # each host counts its own
   flops = run.model_cfg.flops_per_token(cfg.data.seq_len) * m["tokens_per_sec"]
   m["tflops"] = flops / 1e12
   if cfg.log.peak_tflops:
@@ -123,40 +97,33 @@ def _steps(cfg: Config, run, state, it, ckpt, writer, evaluator, start: int):
   config_json = dataclasses.asdict(cfg)
   step_fn = setup.jit_train_step(run, cfg.micro_batches)
   base_rng = jax.random.PRNGKey(cfg.seed)
-  last, win, first = {}, _Window(), None
+  last, rate = {}, Throughput()
   with _Preemption() as pre:
     for step in range(start + 1, cfg.total_steps + 1):
       batch = next(it)
-      # Every processed token (both sides of preference pairs).
-      win.tokens += float(sum(np.sum(v > 0) for k, v in batch.items()
-                              if k.endswith("segment_ids")))
       gbatch = data.to_global(batch, run.mesh, run.batch_sharding)
       state, metrics = step_fn(state, gbatch, base_rng)
       state = run.method.on_step(state, step, events)
       log_now = step % cfg.log.every == 0 or step == cfg.total_steps
-      if first is None:  # compilation: reported, not in the rate
-        jax.block_until_ready(metrics)
-        first = {"first_step_s": win.seconds()}
-        if not log_now:
-          win.restart()
+      # Every processed token (both sides of preference pairs).
+      rate.step_done(float(sum(np.sum(v > 0) for k, v in batch.items()
+                               if k.endswith("segment_ids"))),
+                     metrics, log_now)
       if log_now:
         m = _host_metrics(metrics)
         if not np.isfinite(m["loss"]):
           raise errors.NonFiniteLossError(
               f"step {step}: loss is {m['loss']} (grad_norm "
               f"{m.get('grad_norm')}); lower config.optim.lr or check data")
-        last = _log_row(run, cfg, m, step, win.tokens * jax.process_count(),
-                        win.seconds())
-        writer.write(step, {**last, **first})
-        first = {}
-        win.restart()
+        last = _log_row(run, cfg, m, step, rate.row())
+        writer.write(step, last)
       writer.advance()
       if cfg.eval.every > 0 and step % cfg.eval.every == 0:
-        with win.pause(state):
+        with rate.pause(state):
           writer.write(step, evaluator(state))
       save_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
       if save_now or pre.requested or step == cfg.total_steps:
-        with win.pause(state):
+        with rate.pause(state):
           ckpt.save(step, state, it.get_state(), config_json, force=True)
       if pre.requested:
         break

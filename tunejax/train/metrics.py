@@ -7,9 +7,11 @@ compilation; eval metrics are prefixed `eval/`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 from typing import Mapping
 
 import jax
@@ -19,6 +21,50 @@ import numpy as np
 def _py(v):
   v = np.asarray(v)
   return v.item() if v.size == 1 else v.tolist()
+
+
+class Throughput:
+  """Tokens per second of training between log rows.
+
+  Device work is asynchronous, so time is read only where the host waits
+  anyway. Left out: the first step of a run (compilation, reported once as
+  `first_step_s` unless that step is itself logged) and whatever runs under
+  `pause` (evals, checkpoint saves).
+  """
+
+  def __init__(self):
+    self._first = None
+    self.restart()
+
+  def restart(self):
+    self.tokens, self._t0, self._paused = 0.0, time.perf_counter(), 0.0
+
+  def seconds(self) -> float:
+    return time.perf_counter() - self._t0 - self._paused
+
+  def step_done(self, tokens: float, outputs, log_now: bool):
+    """Counts a dispatched step's tokens; times the run's first step."""
+    self.tokens += tokens
+    if self._first is None:
+      jax.block_until_ready(outputs)
+      self._first = {"first_step_s": self.seconds()}
+      if not log_now:
+        self.restart()
+
+  def row(self) -> dict:
+    """{'tokens_per_sec'[, 'first_step_s']} for a log row; restarts."""
+    out = {"tokens_per_sec": self.tokens / max(self.seconds(), 1e-9),
+           **self._first}
+    self._first = {}
+    self.restart()
+    return out
+
+  @contextlib.contextmanager
+  def pause(self, state):
+    jax.block_until_ready(state)  # steps queued so far count as training
+    t = time.perf_counter()
+    yield
+    self._paused += time.perf_counter() - t
 
 
 class MetricsWriter:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +34,7 @@ from tunejax import data, errors, losses, models, optim, peft
 from tunejax.losses import preference as pref
 from tunejax.losses import reward as rw
 from tunejax.train.config import Config, eval_data
-from tunejax.train.metrics import MetricsWriter
+from tunejax.train.metrics import MetricsWriter, Throughput
 
 HEAD_FILE = "reward_head.safetensors"
 
@@ -130,19 +129,20 @@ def train(cfg: Config, workdir: str, model_cfg, params, tokenizer) -> dict:
   try:
     if cfg.eval.every >= 0:
       writer.write(0, _evaluate(cfg, loss_fn, trainable, frozen, tokenizer))
-    t0, ntok = time.perf_counter(), 0.0
+    rate = Throughput()
     for step in range(1, cfg.total_steps + 1):
       batch = next(it)
-      ntok += float(np.sum(batch["chosen_segment_ids"] > 0)
-                    + np.sum(batch["rejected_segment_ids"] > 0))
       trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen,
                                               batch)
-      if step % cfg.log.every == 0 or step == cfg.total_steps:
+      log_now = step % cfg.log.every == 0 or step == cfg.total_steps
+      rate.step_done(float(np.sum(batch["chosen_segment_ids"] > 0)
+                           + np.sum(batch["rejected_segment_ids"] > 0)),
+                     metrics, log_now)
+      if log_now:
         last = {k: float(v) for k, v in jax.device_get(metrics).items()}
         last["lr"] = float(sched(step - 1))
-        last["tokens_per_sec"] = ntok / max(time.perf_counter() - t0, 1e-9)
+        last.update(rate.row())
         writer.write(step, last)
-        t0, ntok = time.perf_counter(), 0.0
       writer.advance()
     if cfg.eval.every >= 0:
       final = _evaluate(cfg, loss_fn, trainable, frozen, tokenizer)
