@@ -1,7 +1,8 @@
 """Benchmark: fused token loss vs naive logits (JAX) and torch cross_entropy.
 
 For each (N, D, V): forward+backward of a masked mean cross-entropy + z-loss
-w.r.t. (h, w), bf16 inputs. Reports the compiled temp bytes
+w.r.t. (h, w) (or h alone, or none: --grads), bf16 inputs (--dtype).
+Reports the compiled temp bytes
 (`memory_analysis()`, compile only) and, when the naive program fits in the
 free memory, wall time (best of --repeats runs after one warm-up: the
 minimum is the least noisy estimate on a shared machine) and how far each
@@ -10,6 +11,7 @@ body runs too, and torch runs on CUDA when it sees a GPU.
 
   python bench/token_loss.py                       # default sizes
   python bench/token_loss.py --sizes 1024x640x32768 --repeats 3
+  python bench/token_loss.py --sizes 4096x640x262144 --sweep xla:4096x4096
 """
 import argparse
 import os
@@ -37,6 +39,7 @@ def impls():
 
 
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = [jnp.bfloat16]  # of h and w; --dtype
 
 
 def loss_fn(impl, block_n=None, block_v=None, grads=(0, 1)):
@@ -54,8 +57,8 @@ def loss_fn(impl, block_n=None, block_v=None, grads=(0, 1)):
 
 
 def _abstract(n, d, v):
-  return (jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
-          jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+  return (jax.ShapeDtypeStruct((n, d), DTYPE[0]),
+          jax.ShapeDtypeStruct((d, v), DTYPE[0]),
           jax.ShapeDtypeStruct((n,), jnp.int32))
 
 
@@ -86,7 +89,7 @@ def _inputs(n, d, v, seed=0):
 
 
 def _torch_time(h, w, y, repeats, grads):
-  kw = dict(dtype=torch.bfloat16, device=TORCH_DEVICE)
+  kw = dict(dtype=getattr(torch, DTYPE[0].__name__), device=TORCH_DEVICE)
   th = torch.tensor(h, requires_grad=0 in grads, **kw)
   tw = torch.tensor(w, requires_grad=1 in grads, **kw)
   ty = torch.tensor(y, dtype=torch.int64, device=TORCH_DEVICE)
@@ -122,11 +125,11 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
     return
   # Each program runs only if it fits comfortably in the free memory (a
   # shared machine: an OOM kill may hit someone else's process). Host
-  # copies made here: float64 draws, float32 arrays, bf16 device arrays.
+  # copies made here: float64 draws, float32 arrays, device arrays.
   host = (n * d + d * v) * (8 + 4 + 2 * 2)
   fits = lambda need: need + host < run_limit * _free_bytes()
   h, w, y = _inputs(n, d, v)
-  args = (jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16),
+  args = (jnp.asarray(h, DTYPE[0]), jnp.asarray(w, DTYPE[0]),
           jnp.asarray(y))
   secs, results = {}, {}
   for impl in names:
@@ -134,7 +137,7 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
       run = lambda c=compiled[impl]: jax.block_until_ready(c(*args))
       secs[impl] = _time(run, repeats)
       results[impl] = jax.tree.map(np.asarray, run())
-  # torch holds bf16 and float32 logits, their grads and the softmax.
+  # torch holds input-dtype and float32 logits, their grads and softmax.
   if fits(n * v * (2 + 4 * 3)):
     secs["torch"] = _torch_time(h, w, y, repeats, grads)
   for name in names + ("torch",):
@@ -155,7 +158,7 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
 def sweep(n, d, v, specs, repeats, grads):
   """Times the fused op for each `impl:BNxBV` tile spec (tuning)."""
   h, w, y = _inputs(n, d, v)
-  args = (jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16),
+  args = (jnp.asarray(h, DTYPE[0]), jnp.asarray(w, DTYPE[0]),
           jnp.asarray(y))
   print(f"\nN={n} D={d} V={v}: tile sweep")
   for spec in specs:
@@ -183,7 +186,10 @@ def main():
   parser.add_argument("--grads", default="hw", choices=("hw", "h", "none"),
                       help="gradients taken: w.r.t. h and w, h alone (a "
                       "frozen unembedding, as in LoRA), or none (forward)")
+  parser.add_argument("--dtype", default="bfloat16",
+                      choices=("bfloat16", "float32"))
   args = parser.parse_args()
+  DTYPE[0] = jnp.dtype(args.dtype).type
   grads = {"hw": (0, 1), "h": (0,), "none": ()}[args.grads]
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"torch {torch.__version__} on {TORCH_DEVICE} "
