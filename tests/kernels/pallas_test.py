@@ -30,19 +30,20 @@ def inputs():
   return h, w, jnp.asarray(y), cts
 
 
-def _value_and_grads(impl, h, w, y, cts):
+def _value_and_grads(impl, h, w, y, cts, vocab_axis=1):
   # Compiled on its own accelerator (when the suite runs on one), else
-  # interpreted.
+  # interpreted. A vocab-major w is passed as such; its dw comes back [D, V].
   native = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}.get(impl)
   interpret = None if native is None else jax.default_backend() != native
+  w_in = w if vocab_axis == 1 else w.T
 
-  def objective(h, w):
-    out = kernels.token_stats(h, w, y, impl=impl, interpret=interpret, **OPTS,
-                              **BLOCKS)
+  def objective(h, w_in):
+    out = kernels.token_stats(h, w_in, y, impl=impl, interpret=interpret,
+                              vocab_axis=vocab_axis, **OPTS, **BLOCKS)
     return sum(jnp.sum(c * s) for c, s in zip(cts, out)), out
 
-  (dh, dw), out = jax.grad(objective, argnums=(0, 1), has_aux=True)(h, w)
-  return list(out) + [dh, dw]
+  (dh, dw), out = jax.grad(objective, argnums=(0, 1), has_aux=True)(h, w_in)
+  return list(out) + [dh, dw if vocab_axis == 1 else dw.T]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,10 @@ def xla_result(inputs):
   return _value_and_grads("xla", *inputs)
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
-def test_interpret_mode_equals_xla_path(impl, inputs, xla_result):
-  got = _value_and_grads(impl, *inputs)
+@pytest.mark.parametrize("impl,vocab_axis", [
+    ("pallas_tpu", 1), ("pallas_gpu", 1), ("pallas_gpu", 0)])
+def test_interpret_mode_equals_xla_path(impl, vocab_axis, inputs, xla_result):
+  got = _value_and_grads(impl, *inputs, vocab_axis=vocab_axis)
   names = list(kernels.TokenStats._fields) + ["dh", "dw"]
   for name, a, b in zip(names, got, xla_result):
     # Same tile math, different summation order: measured <= 2e-6.
@@ -95,8 +97,9 @@ def _lowered_grad(platform, shape, loss_of_stats, argnums=(0, 1), **opts):
   """StableHLO of a bf16 loss gradient through token_stats, lowered for
   `platform` (lowering only: no device here)."""
   n, d, v = shape
+  w_shape = (v, d) if opts.get("vocab_axis") == 0 else (d, v)
   args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
-          jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+          jax.ShapeDtypeStruct(w_shape, jnp.bfloat16),
           jax.ShapeDtypeStruct((n,), jnp.int32))
 
   def grads(h, w, y):
@@ -124,6 +127,21 @@ def test_lowers_for_accelerators_at_gemma3_shape(impl, platform, target):
   # TPU: the forward kernel plus the dw kernel; GPU: the forward kernel
   # (its backward is XLA's chunked path).
   assert calls.count(target) == (2 if platform == "tpu" else 1), calls
+
+
+def test_triton_reads_a_tied_embedding_in_place():
+  """A vocab-major [V, D] table reaches the Triton kernel and the chunked
+  backward as it is: no whole-table transpose (335 MB for Gemma 3)."""
+  text = _lowered_grad("cuda", (4096, 640, 262144),
+                       lambda st: -jnp.sum(st.logp), impl="pallas_gpu",
+                       vocab_axis=0)
+  assert "__gpu$xla.gpu.triton" in text
+  assert not re.search(r"stablehlo.transpose[^\n]*-> tensor<640x262144x", text)
+  # The check can see a whole-table transpose: the TPU body makes one.
+  text = _lowered_grad("tpu", (4096, 640, 262144),
+                       lambda st: -jnp.sum(st.logp), impl="pallas_tpu",
+                       vocab_axis=0)
+  assert re.search(r"stablehlo.transpose[^\n]*-> tensor<640x262144x", text)
 
 
 def _live_tpu_kernels(argnums):

@@ -50,23 +50,32 @@ def _params(cfg):
               compiler_params=plt.CompilerParams(num_warps=8, num_stages=3))
 
 
-def _w_chunk(w_ref, k, j, block_d, block_v, vocab):
-  """(block_d, block_v) slice of w; zeros past the end of the vocabulary."""
-  cols = _tiles.col_ids((1, block_v), j * block_v)
-  idx = (pl.ds(k * block_d, block_d), pl.ds(j * block_v, block_v))
-  mask = jnp.broadcast_to(cols < vocab, (block_d, block_v))
-  return plt.load(w_ref.at[idx], mask=mask, other=0.0)
+def _w_chunk(w_ref, k, j, block_d, block_v, vocab, vocab_axis):
+  """w's (D chunk k, vocabulary block j) slice, `[block_d, block_v]` for a
+  `[D, V]` w and `[block_v, block_d]` for a `[V, D]` one (a tied embedding
+  read in place); zeros past the end of the vocabulary."""
+  ids = _tiles.col_ids((1, block_v), j * block_v)
+  d_idx, v_idx = pl.ds(k * block_d, block_d), pl.ds(j * block_v, block_v)
+  if vocab_axis == 0:
+    mask = jnp.broadcast_to(ids.T < vocab, (block_v, block_d))
+    return plt.load(w_ref.at[v_idx, d_idx], mask=mask, other=0.0)
+  mask = jnp.broadcast_to(ids < vocab, (block_d, block_v))
+  return plt.load(w_ref.at[d_idx, v_idx], mask=mask, other=0.0)
 
 
 def _h_chunk(h_ref, i, k, block_n, block_d):
   return h_ref[pl.ds(i * block_n, block_n), pl.ds(k * block_d, block_d)]
 
 
-def _scaled_tile(h_ref, w_ref, i, j, *, sc, vocab, block_n, block_v, block_d):
+def _scaled_tile(h_ref, w_ref, i, j, *, sc, vocab, block_n, block_v, block_d,
+                 vocab_axis):
   """Scaled logit tile (i, j) with its column ids and in-vocab mask."""
+  dot = _tiles.matmul if vocab_axis == 1 else _tiles.matmul_nt
+
   def add_chunk(k, z):
     h = _h_chunk(h_ref, i, k, block_n, block_d)
-    return z + _tiles.matmul(h, _w_chunk(w_ref, k, j, block_d, block_v, vocab))
+    return z + dot(h, _w_chunk(w_ref, k, j, block_d, block_v, vocab,
+                               vocab_axis))
 
   z = jax.lax.fori_loop(0, h_ref.shape[1] // block_d, add_chunk,
                         jnp.zeros((block_n, block_v), jnp.float32))
@@ -101,13 +110,14 @@ def _pad_rows(x, rows, value=0):
 
 
 def forward(h, w, y, cfg):
-  n, (d, v) = h.shape[0], w.shape
+  n, d, v = h.shape[0], h.shape[1], w.shape[cfg.vocab_axis]
   bn, bv, bd = _blocks(n, d, cfg)
   n_pad = -(-n // bn) * bn
   n_blocks, v_blocks = n_pad // bn, pl.cdiv(v, bv)
   splits = min(v_blocks, -(-_PROGRAMS // n_blocks))
   per_split = -(-v_blocks // splits)
-  kw = dict(sc=cfg.scaling, vocab=v, block_n=bn, block_v=bv, block_d=bd)
+  kw = dict(sc=cfg.scaling, vocab=v, block_n=bn, block_v=bv, block_d=bd,
+            vocab_axis=cfg.vocab_axis)
   y_pad = _pad_rows(y[:, None], n_pad, -1)  # -1 matches no column
   whole = pl.BlockSpec(memory_space=pl.ANY)
   part = pl.BlockSpec((bn, 1), lambda i, k: (i, k))

@@ -97,7 +97,7 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
     h_NxD: final hidden states (any float dtype; bf16 is accumulated in f32).
     w: unembedding, `[D, V]`, or `[V, D]` with `vocab_axis=0` (a tied
       embedding table as it is: no transposed copy of it is made on the
-      XLA path).
+      XLA path and by the Triton body).
     targets_N: int target ids; `ignore_index` (and any negative id) marks
       tokens without a target: their logp is 0 and gets no gradient.
     softcap: final-logit soft cap (Gemma 2), or None.
@@ -130,7 +130,7 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
   if vocab_axis not in (0, 1):
     raise errors.ConfigError(f"token_stats vocab_axis={vocab_axis}: "
                              "expected 1 (w is [D, V]) or 0 ([V, D])")
-  if vocab_axis == 0 and cfg.impl != "xla":  # other bodies take [D, V]
+  if vocab_axis == 0 and cfg.impl == "pallas_tpu":  # it takes [D, V]
     w, vocab_axis = w.T, 1
   cfg = cfg._replace(vocab_axis=vocab_axis)
   if cfg.impl == "naive":
