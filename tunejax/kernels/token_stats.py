@@ -130,8 +130,8 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
   if vocab_axis not in (0, 1):
     raise errors.ConfigError(f"token_stats vocab_axis={vocab_axis}: "
                              "expected 1 (w is [D, V]) or 0 ([V, D])")
-  if vocab_axis == 0 and cfg.impl == "pallas_tpu":  # it takes [D, V]
-    w, vocab_axis = w.T, 1
+  if vocab_axis == 0 and cfg.impl not in ("xla", "pallas_gpu"):
+    w, vocab_axis = w.T, 1  # the other bodies take [D, V]
   cfg = cfg._replace(vocab_axis=vocab_axis)
   if cfg.impl == "naive":
     out = _reference.token_stats(h_NxD, w, y_N, cfg.scaling)
