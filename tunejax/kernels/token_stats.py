@@ -107,9 +107,9 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
     label_smoothing: when > 0, also return `smooth` = mean log-prob over
       the vocabulary (the caller weights it by the smoothing epsilon).
     impl: 'auto' (Pallas on TPU/GPU, XLA on CPU and on a GPU when D is not
-      a multiple of 16), 'xla' (chunked, any
-      backend), 'pallas' (the backend's Pallas body), 'pallas_tpu',
-      'pallas_gpu', or 'naive' (materialises logits; reference/baseline).
+      a multiple of 16), 'xla' (chunked, any backend), 'pallas' (the
+      backend's Pallas body), 'pallas_tpu', 'pallas_gpu', or 'naive'
+      (materialises logits; reference/baseline).
     block_v, block_n: tile sizes (defaults per implementation: `BLOCKS`,
       and `_xla.default_blocks()` for the chunked path).
     interpret: run Pallas bodies in interpret mode (default: on CPU).
