@@ -175,8 +175,9 @@ def main():
   parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES,
                       help="NxDxV triples")
   parser.add_argument("--repeats", type=int, default=1)
-  parser.add_argument("--max_tflop", type=float, default=2.0,
-                      help="compile only when one h @ w exceeds this")
+  parser.add_argument("--max_tflop", type=float, default=None,
+                      help="compile only when one h @ w exceeds this "
+                      "(default: 2 on a CPU, 100 on an accelerator)")
   parser.add_argument("--run_limit", type=float, default=0.5,
                       help="run a program only if it needs < this share of "
                       "the free memory")
@@ -189,6 +190,8 @@ def main():
   parser.add_argument("--dtype", default="bfloat16",
                       choices=("bfloat16", "float32"))
   args = parser.parse_args()
+  if args.max_tflop is None:
+    args.max_tflop = 2.0 if jax.default_backend() == "cpu" else 100.0
   DTYPE[0] = jnp.dtype(args.dtype).type
   grads = {"hw": (0, 1), "h": (0,), "none": ()}[args.grads]
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
