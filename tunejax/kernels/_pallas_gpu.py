@@ -104,11 +104,6 @@ def _fwd_kernel(h_ref, w_ref, y_ref, *stats_refs, per_split, **kw):
     ref[...] = x
 
 
-def _pad_rows(x, rows, value=0):
-  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1),
-                 constant_values=value)
-
-
 def forward(h, w, y, cfg):
   n, d, v = h.shape[0], h.shape[1], w.shape[cfg.vocab_axis]
   bn, bv, bd = _blocks(n, d, cfg)
@@ -118,7 +113,7 @@ def forward(h, w, y, cfg):
   per_split = -(-v_blocks // splits)
   kw = dict(sc=cfg.scaling, vocab=v, block_n=bn, block_v=bv, block_d=bd,
             vocab_axis=cfg.vocab_axis)
-  y_pad = _pad_rows(y[:, None], n_pad, -1)  # -1 matches no column
+  y_pad = _tiles.pad_rows(y[:, None], n_pad, -1)  # -1 matches no column
   whole = pl.BlockSpec(memory_space=pl.ANY)
   part = pl.BlockSpec((bn, 1), lambda i, k: (i, k))
   parts = pl.pallas_call(
@@ -129,6 +124,6 @@ def forward(h, w, y, cfg):
       out_shape=[jax.ShapeDtypeStruct((n_pad, splits), jnp.float32)] * len(
           _tiles.Stats._fields),
       **_params(cfg),
-  )(_pad_rows(h, n_pad), w, y_pad)
+  )(_tiles.pad_rows(h, n_pad), w, y_pad)
   st = _tiles.merge_stats(_tiles.Stats(*parts))
   return jnp.concatenate(_tiles.finalize_stats(st, y_pad, v), axis=1)[:n]

@@ -38,10 +38,6 @@ def _blocks(n, v, cfg):
   return block_n, block_v
 
 
-def _pad_rows(x, rows):
-  return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-
-
 def _params(interpret, block_n, block_v, d, itemsize, n_moments=0):
   """Grid semantics and a scoped-VMEM limit sized to the blocks.
 
@@ -144,7 +140,8 @@ def forward(h, w, y, cfg, moments: bool = False):
       scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * _N_STATS
       + [pltpu.VMEM((bn, d), jnp.float32)] * n_mo,
       **_params(cfg.interpret, bn, bv, d, w.dtype.itemsize, n_mo),
-  )(_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad))
+  )(_tiles.pad_rows(h, n_pad), w,
+    _tiles.pad_rows(y[:, None], n_pad))
   stats = jnp.concatenate(outs[:4], axis=1)[:n]
   if not moments:
     return stats
@@ -201,8 +198,8 @@ def backward(h, w, y, coef, cfg, want_dh: bool = True):
   nb, vb = n_pad // bn, pl.cdiv(v, bv)
   kw = dict(sc=cfg.scaling, vocab=v, rows=n, block_n=bn, block_v=bv)
   params = _params(cfg.interpret, bn, bv, d, w.dtype.itemsize)
-  args = (_pad_rows(h, n_pad), w, _pad_rows(y[:, None], n_pad),
-          _pad_rows(coef, n_pad))
+  args = (_tiles.pad_rows(h, n_pad), w, _tiles.pad_rows(y[:, None], n_pad),
+          _tiles.pad_rows(coef, n_pad))
 
   def specs(ij):  # ij: grid indices -> (token block, vocab block)
     return [pl.BlockSpec((bn, d), lambda *g: (ij(*g)[0], 0)),

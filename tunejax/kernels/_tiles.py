@@ -54,6 +54,14 @@ def common_dtype(*arrays):
   return tuple(x.astype(dtype) for x in arrays)
 
 
+def pad_rows(x, rows, value=0):
+  """x padded with `value` to `rows` rows (tokens pad to whole blocks)."""
+  if x.shape[0] == rows:
+    return x
+  widths = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+  return jnp.pad(x, widths, constant_values=value)
+
+
 def matmul(h, w):
   """Logit tile with float32 accumulation whatever the input dtype."""
   return jax.lax.dot_general(

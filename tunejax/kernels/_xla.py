@@ -60,13 +60,6 @@ def _owned(cols, own, v, block_v):
   return True if v % block_v == 0 else cols >= own
 
 
-def _pad_rows(x, n_pad, value=0):
-  if x.shape[0] == n_pad:
-    return x
-  widths = [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _vocab_chunk(j, v, block_v):
   """Start column of chunk j and the first column it owns (overlap trick)."""
   own = j * block_v
@@ -112,7 +105,8 @@ def _chunks(ws, v0, block_v, vocab_axis):
 
 
 def _padded_h(pairs, n_pad):
-  return tuple(_pad_rows(h, n_pad).astype(_compute_dtype(h)) for h, _ in pairs)
+  return tuple(_tiles.pad_rows(h, n_pad).astype(_compute_dtype(h))
+               for h, _ in pairs)
 
 
 def _logits(hs, w_chunks, vocab_axis):
@@ -159,7 +153,7 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
   bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
   n_pad = n_blocks * bn
   hs = _padded_h(pairs, n_pad)
-  rs = tuple(_pad_rows(r, n_pad, -1) for r in rows)
+  rs = tuple(_tiles.pad_rows(r, n_pad, -1) for r in rows)
 
   def vocab_chunk(j, carry):
     state, ws = carry
@@ -208,7 +202,7 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
   bn, bv, n_blocks, v_blocks = plan(n, v, block_n, block_v)
   n_pad = n_blocks * bn
   hs = _padded_h(pairs, n_pad)
-  rs = tuple(_pad_rows(r, n_pad, -1) for r in rows)
+  rs = tuple(_tiles.pad_rows(r, n_pad, -1) for r in rows)
   row_ids = jnp.arange(n_pad, dtype=jnp.int32)[:, None]
 
   def vocab_chunk(j, carry):
