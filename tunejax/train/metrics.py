@@ -27,9 +27,10 @@ class Throughput:
   """Tokens per second of training between log rows.
 
   Device work is asynchronous, so time is read only where the host waits
-  anyway. Left out: the first step of a run (compilation, reported once as
-  `first_step_s` unless that step is itself logged) and whatever runs under
-  `pause` (evals, checkpoint saves).
+  anyway. Left out of the rate: the first step of a run (compilation,
+  reported once as `first_step_s`; only a first step that is itself logged
+  stays in its row's rate) and whatever runs under `pause` (evals,
+  checkpoint saves).
   """
 
   def __init__(self):
