@@ -38,6 +38,8 @@ TEST = GEMMA3 + [
     "nbformat>=5.10",
     "ipykernel>=6",
 ]
+# bench/ contenders beyond the test references.
+BENCH = ["tokamax==0.0.12", "psutil>=5"]
 
 setup(
     name="tunejax",
@@ -46,5 +48,6 @@ setup(
     packages=find_packages(include=["tunejax", "tunejax.*"]),
     python_requires=">=3.10",
     install_requires=RUNTIME,
-    extras_require={"gemma3": GEMMA3, "test": TEST, "dev": TEST},
+    extras_require={"gemma3": GEMMA3, "test": TEST, "bench": BENCH,
+                    "dev": TEST + BENCH},
 )

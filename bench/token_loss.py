@@ -1,7 +1,11 @@
-"""Benchmark: fused token loss vs naive logits (JAX) and torch cross_entropy.
+"""Benchmark: fused token loss vs naive logits (JAX), tokamax and torch.
 
 For each (N, D, V): forward+backward of a masked mean cross-entropy + z-loss
+(`--loss ce_z`; or a plain mean cross-entropy over every token, `--loss ce`)
 w.r.t. (h, w) (or h alone, or none: --grads), bf16 inputs (--dtype).
+With `--loss ce` tokamax's `linear_softmax_cross_entropy_loss` runs too
+(the same loss; it has no ignored targets or z-loss): its Pallas Mosaic
+kernel on a TPU, its full-logits XLA path elsewhere.
 Reports the compiled temp bytes
 (`memory_analysis()`, compile only) and, when the naive program fits in the
 free memory, wall time (best of --repeats runs after one warm-up: the
@@ -12,9 +16,11 @@ body runs too, and torch runs on CUDA when it sees a GPU.
   python bench/token_loss.py                       # default sizes
   python bench/token_loss.py --sizes 1024x640x32768 --repeats 3
   python bench/token_loss.py --sizes 4096x640x262144 --sweep xla:4096x4096
+  python bench/token_loss.py --loss ce            # with tokamax
 """
 import argparse
 import os
+import sys
 
 # torch shares the GPU with JAX here: JAX must not take 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -33,24 +39,40 @@ from timing import best_of  # bench/timing.py  # noqa: E402
 DEFAULT_SIZES = ("1024x640x262144", "4096x640x262144", "8192x2048x128256")
 
 
-def impls():
-  on_cpu = jax.default_backend() == "cpu"
-  return ("naive", "xla") if on_cpu else ("naive", "xla", "pallas")
-
+try:
+  import tokamax  # noqa: E402
+except ImportError:  # an optional contender (pip install tokamax)
+  tokamax = None
 
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = [jnp.bfloat16]  # of h and w; --dtype
+LOSS = ["ce_z"]  # --loss
+
+
+def impls():
+  on_cpu = jax.default_backend() == "cpu"
+  names = ("naive", "xla") if on_cpu else ("naive", "xla", "pallas")
+  return names + (("tokamax",) if tokamax and LOSS[0] == "ce" else ())
+
+
+def _tokens_loss(logp, lse, valid):
+  """The benchmarked scalar from per-token log-probs and normalisers."""
+  if LOSS[0] == "ce":
+    return -jnp.mean(logp)
+  per_tok = -logp + 1e-4 * lse**2
+  return jnp.sum(jnp.where(valid, per_tok, 0.0)) / jnp.sum(valid)
 
 
 def loss_fn(impl, block_n=None, block_v=None, grads=(0, 1)):
   """jit of the loss and its gradients w.r.t. `grads` (argnums; () for
   the loss alone)."""
   def loss(h, w, y):
+    if impl == "tokamax":  # implementation=None: the best for the backend
+      return tokamax.linear_softmax_cross_entropy_loss(h, y, w,
+                                                       reduction="mean")
     st = kernels.token_stats(h, w, y, impl=impl, block_n=block_n,
                              block_v=block_v)
-    valid = y >= 0
-    per_tok = -st.logp + 1e-4 * st.lse**2
-    return jnp.sum(jnp.where(valid, per_tok, 0.0)) / jnp.sum(valid)
+    return _tokens_loss(st.logp, st.lse, y >= 0)
   if not grads:
     return jax.jit(lambda h, w, y: (loss(h, w, y), ()))
   return jax.jit(jax.value_and_grad(loss, argnums=grads))
@@ -84,7 +106,8 @@ def _inputs(n, d, v, seed=0):
   h = rng.normal(size=(n, d)).astype(np.float32)
   w = (rng.normal(size=(d, v)) / np.sqrt(d)).astype(np.float32)
   y = rng.integers(0, v, n).astype(np.int32)
-  y[::17] = -1  # some ignored positions
+  if LOSS[0] == "ce_z":
+    y[::17] = -1  # some ignored positions
   return h, w, y
 
 
@@ -97,9 +120,10 @@ def _torch_time(h, w, y, repeats, grads):
   def step():
     th.grad = tw.grad = None
     logits = (th @ tw).float()
-    valid = ty >= 0
     loss = torch.nn.functional.cross_entropy(logits, ty, ignore_index=-1)
-    loss = loss + 1e-4 * (torch.logsumexp(logits, -1)[valid] ** 2).mean()
+    if LOSS[0] == "ce_z":
+      valid = ty >= 0
+      loss = loss + 1e-4 * (torch.logsumexp(logits, -1)[valid] ** 2).mean()
     if grads:
       loss.backward()
     if TORCH_DEVICE == "cuda":
@@ -117,7 +141,7 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
     temp[impl] = compiled[impl].memory_analysis().temp_size_in_bytes
   print(f"\nN={n} D={d} V={v}")
   for impl in names:
-    print(f"  {impl:6s} temp {temp[impl] / 2**20:10.1f} MiB")
+    print(f"  {impl:8s} temp {temp[impl] / 2**20:10.1f} MiB")
   print(f"  temp ratio naive/fused: {temp['naive'] / temp['xla']:.0f}x")
   tflop = 2 * n * d * v / 1e12
   if tflop > max_tflop:
@@ -142,7 +166,7 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
     secs["torch"] = _torch_time(h, w, y, repeats, grads)
   for name in names + ("torch",):
     shown = f"{secs[name]:8.3f} s" if name in secs else "not run (memory)"
-    print(f"  {name:6s} {shown}")
+    print(f"  {name:8s} {shown}")
   for impl in names[1:]:
     if "naive" in results and impl in results:
       (loss, ds), (loss0, ds0) = results[impl], results["naive"]
@@ -150,8 +174,8 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
                       for name, a, b in zip(("dh", "dw"), ds, ds0))
       print(f"  {impl}: |loss - naive| {abs(loss - loss0):.2e}, rel err "
             f"{errs}")
-    for base in ("naive", "torch"):
-      if base in secs and impl in secs:
+    for base in ("naive", "tokamax", "torch"):
+      if base != impl and base in secs and impl in secs:
         print(f"  time ratio {impl}/{base}: {secs[impl] / secs[base]:.2f}")
 
 
@@ -189,7 +213,11 @@ def main():
                       "frozen unembedding, as in LoRA), or none (forward)")
   parser.add_argument("--dtype", default="bfloat16",
                       choices=("bfloat16", "float32"))
+  parser.add_argument("--loss", default="ce_z", choices=("ce_z", "ce"),
+                      help="masked CE + z-loss, or plain mean CE over every "
+                      "token (adds tokamax when it is installed)")
   args = parser.parse_args()
+  LOSS[0] = args.loss
   if args.max_tflop is None:
     args.max_tflop = 2.0 if jax.default_backend() == "cpu" else 100.0
   DTYPE[0] = jnp.dtype(args.dtype).type
@@ -197,6 +225,12 @@ def main():
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"torch {torch.__version__} on {TORCH_DEVICE} "
         f"({torch.get_num_threads()} threads)")
+  if "tokamax" in impls():
+    from absl import flags  # tokamax reads its absl flags: mark them parsed
+    flags.FLAGS([sys.argv[0]])
+    from tokamax._src.ops.linear_softmax_cross_entropy_loss import api
+    print(f"tokamax {tokamax.__version__}: {next(iter(api.IMPLEMENTATIONS))}"
+          " implementation")
   for size in args.sizes:
     if args.sweep:
       sweep(*map(int, size.split("x")), args.sweep, args.repeats, grads)
