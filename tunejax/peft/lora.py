@@ -69,8 +69,10 @@ class LoraSeam(Seam):
       h = matmul(matmul(xd, cast("vera_a")) * cast("vera_lambda_d"),
                   cast("vera_b")) * cast("vera_lambda_b")
     else:
-      h = dict(self.scales)[name] * matmul(matmul(xd, cast("lora_a")),
-                                            cast("lora_b"))
+      # Scaling the rank-r product, not the [.., out] result, saves an
+      # output-sized elementwise pass forward and backward.
+      h = matmul(matmul(xd, cast("lora_a")) * dict(self.scales)[name],
+                 cast("lora_b"))
     if "magnitude" in adapters:
       # PEFT's form, exact with dropout too: x W + (g - 1)·xd W + g·h.
       w_full = kernel.astype(jnp.float32) + jax.lax.stop_gradient(

@@ -78,15 +78,16 @@ class MoeLoraSeam(lora.LoraSeam):
     if name.endswith("/down"):  # x: [..., E·F], the experts' hiddens
       xe = x.reshape(*x.shape[:-1], n_exp, -1)
       xd = self._drop(xe, adapters)
-      y = matmul(jnp.sum(xe, axis=-2), w) + s * jnp.einsum(
-          "...er,ero->...o", jnp.einsum("...ef,efr->...er", xd, a), b)
+      # s scales the rank-r products (smaller than the outputs).
+      y = matmul(jnp.sum(xe, axis=-2), w) + jnp.einsum(
+          "...er,ero->...o", s * jnp.einsum("...ef,efr->...er", xd, a), b)
       return y if bias is None else y + bias.astype(x.dtype)
     xd = self._drop(x, adapters)
     y = matmul(x, w)
     if bias is not None:
       y = y + bias.astype(x.dtype)
-    ye = y[..., None, :] + s * jnp.einsum(
-        "...er,erf->...ef", jnp.einsum("...d,edr->...er", xd, a), b)
+    ye = y[..., None, :] + jnp.einsum(
+        "...er,erf->...ef", s * jnp.einsum("...d,edr->...er", xd, a), b)
     side = {}
     if "router" in adapters:  # the up linear: weight each expert here
       probs, weights, topk = route(matmul(x, adapters["router"].astype(
