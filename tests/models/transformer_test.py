@@ -240,6 +240,21 @@ def test_presets_and_errors():
   hash(models.preset("llama3.2-1b"))  # dict rope_scaling stays hashable.
 
 
+def test_causal_block_sizes():
+  from tunejax.models import attend  # pylint: disable=g-import-not-at-top
+  assert attend.causal_block(128, 64) is None  # short: one block
+  # About 8 blocks of >= 128 rows while the scores are small...
+  assert attend.causal_block(512) == 128
+  assert attend.causal_block(4096) == 512
+  # ...on a CPU, a block's float32 scores fit 8 MiB: batch 8 x 8 heads at
+  # L=512 -> 64 rows; at most 16 blocks, at least 32 rows.
+  assert jax.default_backend() == "cpu"
+  assert attend.causal_block(512, 64) == 64
+  assert attend.causal_block(8192, 64) == 512
+  assert attend.causal_block(256, 4096) == 32
+  assert attend.causal_block(256, 16) == 128  # the Gemma 3 bench's shapes
+
+
 @pytest.mark.parametrize("softcap,block", [(None, None), (5.0, None),
                                            (None, 3), (5.0, 2)])
 def test_attention_backward_matches_autodiff_in_float64(softcap, block):

@@ -124,7 +124,7 @@ def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
     mask = join(masks, -1)
     o = attend_lib.attend(
         q, kb, vb, mask, scale=scale, softcap=cfg.attn_softcap,
-        causal_block=(attend_lib.causal_block(l)
+        causal_block=(attend_lib.causal_block(l, b * h)
                       if causal and len(blocks) == 1 else None))
   else:
     p = _joint_softmax(q, blocks, scale, cfg.attn_softcap)
