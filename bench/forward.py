@@ -21,6 +21,29 @@ from tunejax import models
 from timing import best_of  # bench/timing.py
 
 
+def read_bandwidth(repeats: int, n_bytes: int = 1 << 30) -> float:
+  """Bytes/s of one streaming read (a sum over an array larger than the
+  caches): the rate a weight-bound decode step can reach at best."""
+  x = jnp.ones((n_bytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  secs = best_of(lambda: total(x).block_until_ready(), max(repeats, 5),
+                 warmup=True)
+  return n_bytes / secs
+
+
+def decode_floor(cfg, prompts: int, samples: int, prompt: int, new: int,
+                 bw: float) -> float:
+  """Seconds of `new` decode steps if each read only what it must: every
+  f32 weight but the input embedding table (a few rows are gathered), and
+  the K/V of the tokens so far (each prompt's once, however many samples
+  share it). Prefill is left out: a lower bound."""
+  weights = cfg.n_params() - (0 if cfg.tie_embeddings else
+                              cfg.vocab_size * cfg.d_model)
+  kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim
+  kv_tokens = prompts * (prompt + samples * (new + 1) / 2)  # mean per step
+  return new * 4 * (weights + kv_per_token * kv_tokens) / bw
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--d", type=int, default=512)
@@ -98,6 +121,12 @@ def main():
   n = args.batch * args.num_samples * args.new
   print(f"decode   tokens/s: tunejax {n / t_jax:10.1f}   transformers "
         f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
+  bw = read_bandwidth(args.repeats)
+  floor = decode_floor(cfg, args.batch, args.num_samples, args.prompt,
+                       args.new, bw)
+  print(f"decode   bandwidth ceiling ({bw / 1e9:.1f} GB/s read, f32 weights "
+        f"+ KV): {n / floor:10.1f} tokens/s = {t_hf / floor:.2f}x "
+        f"transformers")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from timing import step_stats  # bench/timing.py
+from timing import matmul_peak, step_stats  # bench/timing.py
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
            "down_proj")
@@ -124,7 +124,8 @@ def main():
   p.add_argument("--remat", default="save_dots",
                  help="tunejax model.remat: none | full | save_dots")
   a = p.parse_args()
-  runners = {"tunejax": lambda: run_tunejax(a, "auto"),
+  runners = {"peak": matmul_peak,
+             "tunejax": lambda: run_tunejax(a, "auto"),
              "tunejax_naive": lambda: run_tunejax(a, "naive"),
              "torch_peft": lambda: run_torch(a, a.hf_dir),
              "torch_peft_ckpt": lambda: run_torch(a, a.hf_dir, True)}
@@ -138,6 +139,7 @@ def main():
   print(f"\nGemma 3 270M LoRA r=16, batch {a.batch} x seq {a.seq}, f32")
   print(f"{'':15}{'tokens/s':>10}{'step s':>9}{'compile s':>10}"
         f"{'peak RSS MB':>12}")
+  peak = res.pop("peak", None)
   for name, r in res.items():
     if r:
       print(f"{name:15}{r['tokens_per_sec']:10.1f}{r['step_s']:9.2f}"
@@ -149,6 +151,21 @@ def main():
       print(f"tunejax / {name}: "
             f"{tj['tokens_per_sec'] / r['tokens_per_sec']:.2f}x tokens/s, "
             f"{tj['rss_mb'] / r['rss_mb']:.2f}x peak RSS")
+  if peak and res.get("torch_peft"):
+    print_ceiling(a, peak["tflops"] * 1e12, res["torch_peft"])
+
+
+def print_ceiling(a, peak_flops: float, torch_res: dict):
+  """Tokens/s if every model FLOP of the LoRA step ran at the f32 matmul
+  peak (forward and activation gradients; no base weight gradients), and
+  that ceiling as a multiple of transformers+peft's tokens/s."""
+  from tunejax import models
+  flops = models.preset("gemma3-270m").flops_per_token(a.seq,
+                                                       weight_grads=False)
+  ceiling = peak_flops / flops
+  print(f"compute ceiling at the f32 matmul peak ({peak_flops / 1e9:.0f} "
+        f"GFLOP/s, {flops / 1e9:.2f} GFLOP/token): {ceiling:.1f} tokens/s "
+        f"= {ceiling / torch_res['tokens_per_sec']:.2f}x torch_peft")
 
 
 if __name__ == "__main__":

@@ -34,3 +34,20 @@ def step_stats(step, steps: int, tokens_per_step: int) -> dict:
   return {"tokens_per_sec": tokens_per_step / best, "step_s": best,
           "median_tokens_per_sec": tokens_per_step / median,
           "compile_s": compile_s}
+
+
+def matmul_peak() -> dict:
+  """The f32 matmul rate of this machine in JAX (a 2048^3 product, ten
+  runs back to back), as {"tflops": ...}: the peak that model FLOP/s are
+  measured against."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = 2048
+  x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(x).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(10):
+    y = f(x)
+  y.block_until_ready()
+  return {"tflops": 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12}

@@ -167,6 +167,8 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
   for name in names + ("torch",):
     shown = f"{secs[name]:8.3f} s" if name in secs else "not run (memory)"
     print(f"  {name:8s} {shown}")
+  if "naive" in secs:
+    print_floor(n, d, v, grads, secs["naive"], repeats)
   for impl in names[1:]:
     if "naive" in results and impl in results:
       (loss, ds), (loss0, ds0) = results[impl], results["naive"]
@@ -177,6 +179,30 @@ def bench(n, d, v, repeats, run_limit, max_tflop, grads):
     for base in ("naive", "tokamax", "torch"):
       if base != impl and base in secs and impl in secs:
         print(f"  time ratio {impl}/{base}: {secs[impl] / secs[base]:.2f}")
+
+
+def matmul_rate(n, d, repeats, block_v=8192):
+  """Best FLOP/s of one `[n, d] @ [d, block_v]` tile product, over the
+  input dtype and float32 (a vocabulary tile of either path)."""
+  rates = []
+  for dtype in {DTYPE[0], jnp.float32}:
+    a = jnp.ones((n, d), dtype)
+    b = jnp.ones((d, block_v), dtype)
+    mm = jax.jit(lambda a, b: jnp.dot(a, b,
+                                      preferred_element_type=jnp.float32))
+    secs = _time(lambda: mm(a, b).block_until_ready(), max(repeats, 5))
+    rates.append(2 * n * d * block_v / secs)
+  return max(rates)
+
+
+def print_floor(n, d, v, grads, naive_secs, repeats):
+  """The matmul-only time of the loss at this machine's tile rate: the
+  logits, plus one product per gradient taken (dh = g w^T, dw = h^T g).
+  No implementation can beat it, however it streams the logits."""
+  rate = matmul_rate(n, d, repeats)
+  floor = (1 + len(grads)) * 2 * n * d * v / rate
+  print(f"  matmul floor ({1 + len(grads)} products at {rate / 1e9:.0f} "
+        f"GFLOP/s): {floor:.3f} s = {floor / naive_secs:.2f}x naive")
 
 
 def sweep(n, d, v, specs, repeats, grads):

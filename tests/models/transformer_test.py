@@ -225,6 +225,9 @@ def test_flops_per_token_formula():
   dense = 2 * (d * h * k * 2 + d * g * k * 2 + 3 * d * f) + d * v
   t = 32
   assert cfg.flops_per_token(t) == 6 * dense + 12 * h * k * (8 + t)
+  # Frozen base (adapters): no weight gradients, attention unchanged.
+  assert cfg.flops_per_token(t, weight_grads=False) == (
+      4 * dense + 12 * h * k * (8 + t))
 
 
 def test_presets_and_errors():

@@ -31,8 +31,14 @@ def test_metrics_and_files(trained):
   train_rows = [r for r in rows if "loss" in r]
   eval_rows = [r for r in rows if "eval/loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  cfg, _, _ = trained
+  # LoRA: a frozen base, so the model FLOPs count no weight gradients.
+  flops = models.preset("tiny").replace(vocab_size=259).flops_per_token(
+      cfg.data.seq_len, weight_grads=False)
   for r in train_rows:
     assert {"loss", "lr", "grad_norm", "tokens_per_sec", "tflops"} <= set(r)
+    np.testing.assert_allclose(r["tflops"],
+                               flops * r["tokens_per_sec"] / 1e12, rtol=1e-6)
   # Compilation is reported once, on the first row, not in the rates.
   assert [("first_step_s" in r) for r in train_rows] == [True] + [False] * 3
   assert [r["step"] for r in eval_rows] == [0, 2, 4]
@@ -41,6 +47,17 @@ def test_metrics_and_files(trained):
     assert os.path.exists(os.path.join(wd, f))
   assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
   assert os.path.getsize(plot.plot(wd)) > 1000
+
+
+def test_eval_rows_are_printed(tmp_path, capsys):
+  w = metrics_lib.MetricsWriter(str(tmp_path), total_steps=2,
+                                tensorboard=False, progress=False)
+  w.write(1, {"loss": 2.0})
+  w.write(2, {"eval/loss": 0.25, "eval/accuracy": 0.625})
+  w.close()
+  assert capsys.readouterr().out == (
+      "eval @ step 2: loss 0.25  accuracy 0.625\n")
+  assert len(metrics_lib.read(str(tmp_path))) == 2
 
 
 def test_throughput_leaves_out_compilation_and_pauses():

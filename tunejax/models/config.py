@@ -139,12 +139,15 @@ class ModelConfig:
     embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
     return self.n_layers * layer + embed + d
 
-  def flops_per_token(self, seq_len: int) -> float:
+  def flops_per_token(self, seq_len: int, weight_grads: bool = True) -> float:
     """Training FLOPs per token (forward + backward), PaLM-style.
 
     6 * (matmul parameters, incl. the unembedding) plus attention scores and
     values, 12 * H * K * T_eff per layer, where T_eff is the attended length
-    (the window for local layers). Embedding gathers are free.
+    (the window for local layers). Embedding gathers are free. With
+    `weight_grads=False` (adapters on a frozen base: the backward skips the
+    base weights' gradients) the matmuls count 4x: forward and activation
+    gradients; attention is unchanged (its operands are activations).
     """
     d, k = self.d_model, self.head_dim
     per_layer = (d * k * (2 * self.n_heads + 2 * self.n_kv_heads)
@@ -154,7 +157,7 @@ class ModelConfig:
     for t in self.layer_types:
       t_eff = min(seq_len, self.sliding_window) if t == "local" else seq_len
       attn += 12 * self.n_heads * k * t_eff
-    return 6.0 * dense + attn
+    return (6.0 if weight_grads else 4.0) * dense + attn
 
 
 _LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0,

@@ -191,6 +191,12 @@ class Method:
     leaves (LoRA-Pro's optimizer needs them); {} for other methods."""
     return {}
 
+  # False for adapters on a frozen base: the backward computes no gradient
+  # of the base matmul weights (the trainer's FLOP/s count 4N, not 6N).
+  # Full, partial and sparse fine-tuning need them (a sparse delta's
+  # gradient is gathered from the dense one).
+  trains_base_weights: bool = True
+
   # True: the forward collects the seams' side outputs for `aux_loss`.
   wants_model_aux: bool = False
 

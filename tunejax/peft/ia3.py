@@ -54,6 +54,7 @@ class Ia3Seam(Seam):
 @register("ia3")
 class Ia3(Method):
   """Trainable tree: '<module>/ia3' vectors (layer-stacked), init 1."""
+  trains_base_weights = False
 
   def __init__(self, cfg: PeftConfig):
     super().__init__(cfg)

@@ -78,6 +78,7 @@ def phase2_config(cfg: PeftConfig, phase1_trainable: dict, n_heads: int,
 class Lofit(Method):
   """Phase 1: trainable 'layers/attn/heads/lofit_scale' [n_layers, H·K].
   Phase 2: trainable 'lofit/bias' [len(lofit_heads), K]."""
+  trains_base_weights = False
 
   seam = LofitSeam()
   wants_model_aux = True

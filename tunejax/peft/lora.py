@@ -106,6 +106,7 @@ def _module(name: str) -> str:
 
 class Lora(Method):
   """LoRA on the kernels whose module path matches `peft.targets`."""
+  trains_base_weights = False
   sqrt_scaling = False
 
   def __init__(self, cfg: PeftConfig):

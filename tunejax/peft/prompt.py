@@ -121,6 +121,7 @@ def _no_merge(name: str):
 class _Virtual(Method):
   """Methods that add virtual tokens: the base model is their reference,
   and they have no weight form to merge into."""
+  trains_base_weights = False
 
   def reference(self, trainable, frozen):
     del trainable

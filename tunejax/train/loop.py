@@ -66,7 +66,9 @@ def _log_row(run, cfg: Config, m: dict, step: int, rate: dict):
   m["lr"] = float(run.lr_schedule(step - 1))
   m.update(rate)
   m["tokens_per_sec"] *= jax.process_count()  # each host counts its own
-  flops = run.model_cfg.flops_per_token(cfg.data.seq_len) * m["tokens_per_sec"]
+  flops = run.model_cfg.flops_per_token(
+      cfg.data.seq_len, weight_grads=run.method.trains_base_weights
+  ) * m["tokens_per_sec"]
   m["tflops"] = flops / 1e12
   if cfg.log.peak_tflops:
     m["mfu"] = m["tflops"] / (cfg.log.peak_tflops * jax.device_count())

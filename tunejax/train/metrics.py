@@ -100,6 +100,15 @@ class MetricsWriter:
       self._tb.flush()
     if self._bar is not None and "loss" in row:
       self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+    evals = {k: v for k, v in row.items() if k.startswith("eval/")}
+    if evals:  # the before / during / after numbers a user watches for
+      line = f"eval @ step {row['step']}: " + "  ".join(
+          f"{k[5:]} {v:.4g}" for k, v in evals.items()
+          if isinstance(v, (int, float)))
+      if self._bar is not None:
+        self._bar.write(line)
+      else:
+        print(line, flush=True)
 
   def advance(self, n: int = 1):
     if self._bar is not None:
