@@ -31,6 +31,20 @@ def read_bandwidth(repeats: int, n_bytes: int = 1 << 30) -> float:
   return n_bytes / secs
 
 
+def matmul_stream_rate(batch: int, d: int, n: int, repeats: int,
+                       n_bytes: int = 512 << 20) -> float:
+  """Weight bytes/s of `[batch, d] @ [d, n]` products over distinct
+  weights (more than the caches hold), as in a decode step: what this
+  backend's matmul kernels reach at this batch."""
+  count = max(1, n_bytes // (4 * d * n))
+  ws = [jax.random.normal(jax.random.PRNGKey(i), (d, n)) for i in range(count)]
+  x = jnp.ones((batch, d), jnp.float32)
+  run = jax.jit(lambda x, ws: sum(x @ w for w in ws))
+  secs = best_of(lambda: run(x, ws).block_until_ready(), max(repeats, 5),
+                 warmup=True)
+  return count * 4 * d * n / secs
+
+
 def decode_floor(cfg, prompts: int, samples: int, prompt: int, new: int,
                  bw: float) -> float:
   """Seconds of `new` decode steps if each read only what it must: every
@@ -127,6 +141,13 @@ def main():
   print(f"decode   bandwidth ceiling ({bw / 1e9:.1f} GB/s read, f32 weights "
         f"+ KV): {n / floor:10.1f} tokens/s = {t_hf / floor:.2f}x "
         f"transformers")
+  mm = matmul_stream_rate(args.batch * args.num_samples, args.d, args.mlp,
+                          args.repeats)
+  floor = decode_floor(cfg, args.batch, args.num_samples, args.prompt,
+                       args.new, mm)
+  print(f"decode   at this backend's batch-{args.batch * args.num_samples} "
+        f"matmul rate ({mm / 1e9:.1f} GB/s of weights): {n / floor:10.1f} "
+        f"tokens/s = {t_hf / floor:.2f}x transformers")
 
 
 if __name__ == "__main__":
