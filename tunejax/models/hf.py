@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tunejax import errors
+from tunejax import errors, host
 from tunejax import tree as tree_lib
 from tunejax.models import hf_config
 from tunejax.models import safetensors_io
@@ -142,11 +142,14 @@ def load(path: str, dtype: str | None = None, *,
     cfg, params = gguf.load_gguf(path, dtype)
     if shardings is not None:
       params = jax.device_put(params, shardings)
-    return cfg, params
-  if not os.path.isdir(path):
+  elif not os.path.isdir(path):
     raise errors.ModelError(f"{path}: not a checkpoint directory, .gguf file "
                             "or known alias ('gemma3-270m')")
-  return load_hf(path, dtype, shardings=shardings)
+  else:
+    cfg, params = load_hf(path, dtype, shardings=shardings)
+  # The loader's freed temporaries would otherwise stay resident.
+  host.release_freed_memory()
+  return cfg, params
 
 
 def _hf_tensors(cfg: ModelConfig, params: dict):

@@ -1,7 +1,6 @@
 """Builds what a run needs from its config: model, tokenizer, state, steps."""
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import json
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tunejax import errors, losses, models, optim, peft, sharding
+from tunejax import errors, host, losses, models, optim, peft, sharding
 from tunejax.data import transforms
 from tunejax.state import TrainState
 from tunejax.train import history as history_lib
@@ -268,22 +267,9 @@ def build(cfg: Config, model_cfg, params) -> tuple[TrainState, Run]:
   # blocking wait finishes it in ~5 s), and the train step queued on those
   # buffers then waited forever. One sync per run costs nothing.
   state = jax.block_until_ready(state)
-  _release_host_heap()
+  host.release_freed_memory()
+  host.release_after_compiles()  # the train step's compile comes next
   return state, run
-
-
-def _release_host_heap():
-  """Returns freed host heap to the OS (glibc keeps it otherwise).
-
-  Loading a checkpoint frees about the weights' size again in mid-sized
-  numpy arrays (dequantised tensors, dtype casts); glibc keeps those pages
-  mapped and the train step's buffers come on top (Gemma 3 270M LoRA step:
-  peak RSS 4.5 -> 3.9 GiB).
-  """
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc: nothing to do
-    pass
 
 
 def _with_rules(fn, run: Run):
