@@ -70,6 +70,7 @@ def run_tunejax(a):
   return {**out, "tflops": flops * out["tokens_per_sec"] / 1e12,
           "rss_mb": _rss_mb()}
 
+
 def run_torch(a, compiled: bool):
   import torch
   import transformers
