@@ -135,19 +135,16 @@ def main():
   n = args.batch * args.num_samples * args.new
   print(f"decode   tokens/s: tunejax {n / t_jax:10.1f}   transformers "
         f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
-  bw = read_bandwidth(args.repeats)
-  floor = decode_floor(cfg, args.batch, args.num_samples, args.prompt,
-                       args.new, bw)
-  print(f"decode   bandwidth ceiling ({bw / 1e9:.1f} GB/s read, f32 weights "
-        f"+ KV): {n / floor:10.1f} tokens/s = {t_hf / floor:.2f}x "
-        f"transformers")
-  mm = matmul_stream_rate(args.batch * args.num_samples, args.d, args.mlp,
-                          args.repeats)
-  floor = decode_floor(cfg, args.batch, args.num_samples, args.prompt,
-                       args.new, mm)
-  print(f"decode   at this backend's batch-{args.batch * args.num_samples} "
-        f"matmul rate ({mm / 1e9:.1f} GB/s of weights): {n / floor:10.1f} "
-        f"tokens/s = {t_hf / floor:.2f}x transformers")
+  rows = args.batch * args.num_samples
+  for what, rate in (
+      ("read bandwidth", read_bandwidth(args.repeats)),
+      (f"batch-{rows} matmul weight stream",
+       matmul_stream_rate(rows, args.d, args.mlp, args.repeats))):
+    floor = decode_floor(cfg, args.batch, args.num_samples, args.prompt,
+                         args.new, rate)
+    print(f"decode   ceiling at this machine's {what} ({rate / 1e9:.1f} "
+          f"GB/s; f32 weights + KV): {n / floor:10.1f} tokens/s = "
+          f"{t_hf / floor:.2f}x transformers")
 
 
 if __name__ == "__main__":

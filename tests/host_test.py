@@ -30,11 +30,18 @@ def test_release_runs_after_each_compile(monkeypatch):
   calls = []
   monkeypatch.setattr(host, "release_freed_memory",
                       lambda: calls.append(1) or True)
-  compiles = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, secs, **kw: compiles.append(1)
-      if event == "/jax/core/compile/backend_compile_duration" else None)
-  host.release_after_compiles()
-  host.release_after_compiles()  # idempotent: one listener
-  jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
+  compiles, counting = [], [True]
+
+  def count(event, secs, **kwargs):
+    del secs, kwargs
+    if counting[0] and event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(1)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    host.release_after_compiles()
+    host.release_after_compiles()  # idempotent: one listener
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
+  finally:
+    counting[0] = False  # listeners cannot be removed; this one goes quiet
   assert compiles and len(calls) == len(compiles)

@@ -10,9 +10,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 # Lower rank = lower layer; a module may import its own rank or lower.
 RANK = {"errors": 0, "typing": 0, "config": 0, "tree": 1, "host": 1,
         "sharding": 2, "kernels": 3, "models": 4, "tokenizers": 4, "peft": 5,
-        "losses": 6,
-        "data": 7, "optim": 8, "state": 8, "checkpoint": 9, "train": 10,
-        "plot": 11, "main": 11}
+        "losses": 6, "data": 7, "optim": 8, "state": 8, "checkpoint": 9,
+        "train": 10, "plot": 11, "main": 11}
 
 
 def _modules():
