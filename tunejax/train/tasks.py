@@ -18,7 +18,11 @@ from tunejax.train.config import Config, eval_data
 def _prepare_workdir(workdir: str, cfg: Config):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # One probe per process: hosts sharing a workdir (and the processes of
+    # a local multi-process run) raced on one name, one removing it under
+    # another's `os.remove`.
+    probe = os.path.join(
+        workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
