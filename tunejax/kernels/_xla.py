@@ -46,8 +46,8 @@ def plan(n, v, block_n, block_v):
   (32000 -> 4 x 8000; 128256 -> 16 x 8016 at block_v 8192).
   """
   block_v = min(block_v, v)
-  chunks = -(-v // block_v)
-  for c in range(chunks, chunks + chunks // 8 + 1):
+  n_chunks = -(-v // block_v)
+  for c in range(n_chunks, n_chunks + n_chunks // 8 + 1):
     if v % c == 0:
       block_v = v // c
       break
@@ -55,12 +55,12 @@ def plan(n, v, block_n, block_v):
   return block_n, block_v, -(-n // block_n), -(-v // block_v)
 
 
-def _owned(cols, own, v, block_v):
+def owned(cols, own, v, block_v):
   """Columns a chunk owns (not covered by the previous chunk)."""
   return True if v % block_v == 0 else cols >= own
 
 
-def _vocab_chunk(j, v, block_v):
+def chunk_start(j, v, block_v):
   """Start column of chunk j and the first column it owns (overlap trick)."""
   own = j * block_v
   return jnp.minimum(own, v - block_v), own
@@ -71,13 +71,13 @@ def _w_chunk(w, v0, block_v, vocab_axis):
   return jax.lax.dynamic_slice_in_dim(w, v0, block_v, axis=vocab_axis)
 
 
-def _dv(w_c, vocab_axis):
+def dv(w_c, vocab_axis):
   """`[D, U]` view of a chunk (for `[V, D]` chunks a transpose that XLA
   folds into the consuming matmul)."""
   return w_c if vocab_axis == 1 else w_c.T
 
 
-def _opaque(ws):
+def opaque(ws):
   """Makes loop-carried weights look loop-variant to XLA.
 
   XLA:CPU cannot dynamic-slice bf16, so it upcasts the sliced operand; if w
@@ -92,24 +92,24 @@ def _opaque(ws):
   return jax.lax.optimization_barrier(ws)
 
 
-def _compute_dtype(x):
+def compute_dtype(x):
   """dtype of the tile matmul operands: float32 on CPU, where XLA's bf16
   matmuls run ~1.5x slower than float32 ones (measured 133 vs 208 GFLOP/s
   on [1024, 640] x [640, 8192] tiles); the input dtype elsewhere."""
   return jnp.float32 if jax.default_backend() == "cpu" else x.dtype
 
 
-def _chunks(ws, v0, block_v, vocab_axis):
-  return tuple(_w_chunk(w, v0, block_v, vocab_axis).astype(_compute_dtype(w))
+def chunks(ws, v0, block_v, vocab_axis):
+  return tuple(_w_chunk(w, v0, block_v, vocab_axis).astype(compute_dtype(w))
                for w in ws)
 
 
 def _padded_h(pairs, n_pad):
-  return tuple(_tiles.pad_rows(h, n_pad).astype(_compute_dtype(h))
+  return tuple(_tiles.pad_rows(h, n_pad).astype(compute_dtype(h))
                for h, _ in pairs)
 
 
-def _logits(hs, w_chunks, vocab_axis):
+def logits(hs, w_chunks, vocab_axis):
   # Contracts D in place: a transposed view of a [U, D] chunk here was
   # materialised by XLA:CPU (a copy of every chunk).
   dims = (((1,), (1 - vocab_axis,)), ((), ()))
@@ -157,18 +157,18 @@ def forward(pairs, rows: Sequence[jax.Array], init: Callable, fold: Callable,
 
   def vocab_chunk(j, carry):
     state, ws = carry
-    ws = _opaque(ws)
-    v0, own = _vocab_chunk(j, v, bv)
-    w_cs = _chunks(ws, v0, bv, vocab_axis)
+    ws = opaque(ws)
+    v0, own = chunk_start(j, v, bv)
+    w_cs = chunks(ws, v0, bv, vocab_axis)
     cols = _tiles.col_ids((1, bv), v0)
 
     def token_block(i, state):
       t0 = i * bn
-      z = _logits(_take_rows(hs, t0, bn), w_cs, vocab_axis)
+      z = logits(_take_rows(hs, t0, bn), w_cs, vocab_axis)
       part = fold(_take_rows(state, t0, bn), z, cols,
-                  _owned(cols, own, v, bv),
+                  owned(cols, own, v, bv),
                   _take_rows(rs, t0, bn),
-                  tuple(_dv(c, vocab_axis) for c in w_cs))
+                  tuple(dv(c, vocab_axis) for c in w_cs))
       return _put_rows(state, part, t0)
 
     return jax.lax.fori_loop(0, n_blocks, token_block, state), ws
@@ -207,29 +207,29 @@ def backward(pairs, rows: Sequence[jax.Array], grad: Callable, *,
 
   def vocab_chunk(j, carry):
     dh, dw, ws = carry
-    ws = _opaque(ws)
-    v0, own = _vocab_chunk(j, v, bv)
-    w_cs = _chunks(ws, v0, bv, vocab_axis)
+    ws = opaque(ws)
+    v0, own = chunk_start(j, v, bv)
+    w_cs = chunks(ws, v0, bv, vocab_axis)
     cols = _tiles.col_ids((1, bv), v0)
 
     def token_block(i, inner):
       dh, dw_c = inner
       t0 = i * bn
       h_b = _take_rows(hs, t0, bn)
-      z = _logits(h_b, w_cs, vocab_axis)
+      z = logits(h_b, w_cs, vocab_axis)
       g = grad(z, cols, _take_rows(row_ids, t0, bn) < n,
                _take_rows(rs, t0, bn))
       # A chunk sums over all tokens, so its dw columns are complete even
       # where it overlaps the previous chunk (rewritten with equal values);
       # dh must count those overlap columns only once.
       if want_dh:
-        g_own = jnp.where(_owned(cols, own, v, bv), g, 0.0)
+        g_own = jnp.where(owned(cols, own, v, bv), g, 0.0)
         dh_b = _take_rows(dh, t0, bn) + _tiles.matmul_nt(
-            g_own, _dv(w_cs[0], vocab_axis))
+            g_own, dv(w_cs[0], vocab_axis))
         dh = _put_rows(dh, dh_b, t0)
       return dh, dw_c + _tiles.matmul_tn(h_b[0], g)
 
-    dw_c = jnp.zeros(_dv(w_cs[0], vocab_axis).shape, jnp.float32)
+    dw_c = jnp.zeros(dv(w_cs[0], vocab_axis).shape, jnp.float32)
     dh, dw_c = jax.lax.fori_loop(0, n_blocks, token_block, (dh, dw_c))
     dw_c = dw_c if vocab_axis == 1 else dw_c.T
     dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), v0,
