@@ -29,10 +29,12 @@ def _numpy_xent(h, w, y, mask, weights, eps, z, softcap=None):
   return (weights * mask * loss).sum(), mask.sum()
 
 
-@pytest.mark.parametrize("eps,z,cap,softcap", [
-    (0.0, 0.0, 1.0, None), (0.1, 1e-3, 1.0, 30.0), (0.0, 0.0, 0.5, None),
-    (0.1, 1e-2, 0.1, None)])  # 0.1 < trained fraction: exact fallback path
-def test_xent_matches_numpy(eps, z, cap, softcap):
+@pytest.mark.parametrize("eps,z,cap,softcap,fused", [
+    (0.0, 0.0, 1.0, None, False), (0.1, 1e-3, 1.0, 30.0, False),
+    (0.0, 0.0, 0.5, None, False),
+    (0.1, 1e-2, 0.1, None, False),  # 0.1 < trained fraction: exact fallback
+    (0.1, 1e-3, 1.0, 30.0, True), (0.1, 1e-2, 0.5, None, True)])
+def test_xent_matches_numpy(eps, z, cap, softcap, fused):
   h, w, y, mask, weights = _case()
   batch = {"targets": jnp.asarray(y), "loss_mask": jnp.asarray(mask),
            "weights": jnp.asarray(weights)}
@@ -40,7 +42,7 @@ def test_xent_matches_numpy(eps, z, cap, softcap):
 
   def loss(h, w):
     s, d, _ = fn(losses.Head(h, w, softcap), batch, label_smoothing=eps,
-                 z_loss=z, target_capacity=cap)
+                 z_loss=z, target_capacity=cap, grad_in_forward=fused)
     return s / d
 
   want_sum, want_den = _numpy_xent(h, w, y, mask, weights, eps, z, softcap)
@@ -67,3 +69,18 @@ def test_registry_rejects_duplicates_and_unknown():
     losses.register("xent")(lambda *a, **k: None)
   with pytest.raises(Exception, match="unknown loss"):
     losses.get("nope")
+
+
+def test_grad_in_forward_gives_the_same_metrics_and_rejects_other_impls():
+  h, w, y, mask, weights = _case(1)
+  batch = {"targets": jnp.asarray(y), "loss_mask": jnp.asarray(mask),
+           "weights": jnp.asarray(weights)}
+  head = losses.Head(jnp.asarray(h), jnp.asarray(w), None)
+  fn = losses.get("xent")
+  got = fn(head, batch, z_loss=1e-3, grad_in_forward=True)
+  want = fn(head, batch, z_loss=1e-3)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[2]["nll_sum"], want[2]["nll_sum"],
+                             rtol=1e-6)
+  with pytest.raises(Exception, match="grad_in_forward"):
+    fn(head, batch, grad_in_forward=True, impl="naive")

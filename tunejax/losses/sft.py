@@ -19,8 +19,13 @@ def token_weights(batch) -> jnp.ndarray:
 
 
 def _xent_sums(h_NxD, head: Head, targets_N, wt_N, *, label_smoothing,
-               z_loss, impl):
+               z_loss, impl, grad_in_forward):
   """(weighted loss sum, weighted nll sum) over N tokens."""
+  if grad_in_forward:
+    loss_sum, stats = kernels.token_loss(
+        h_NxD, head.w, targets_N, wt_N, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=head.softcap, vocab_axis=head.vocab_axis)
+    return loss_sum, -jnp.sum(wt_N * stats.logp)
   stats = kernels.token_stats(h_NxD, head.w, targets_N, softcap=head.softcap,
                               label_smoothing=label_smoothing, impl=impl,
                               vocab_axis=head.vocab_axis)
@@ -36,7 +41,8 @@ def _xent_sums(h_NxD, head: Head, targets_N, wt_N, *, label_smoothing,
 @register("xent")
 def cross_entropy(policy: Head, batch, *, ref: Head | None = None,
                   label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  target_capacity: float = 1.0, impl: str = "auto"):
+                  target_capacity: float = 1.0, impl: str = "auto",
+                  grad_in_forward: bool = False):
   """Masked next-token cross-entropy, summed over weighted target tokens.
 
   loss_t = -(1-ε)·log p(y_t) - ε·mean_v log p(v) + z·lse_t²   (per target t)
@@ -48,8 +54,17 @@ def cross_entropy(policy: Head, batch, *, ref: Head | None = None,
   SFT never reach the 262k-wide head). If a batch has more trained
   positions than that, an exact full pass is taken instead (`lax.cond`), so
   the result never depends on the capacity — only the speed does.
+
+  `grad_in_forward` computes the loss with `kernels.token_loss`: the
+  gradient is formed in the forward pass, three matmul passes over the
+  unembedding instead of four when it is trained (full fine-tuning), for
+  one `[block_n, V]` float32 logit block and float32 dw sums of memory.
   """
   del ref
+  if grad_in_forward and impl not in ("auto", "xla"):
+    raise errors.ConfigError(
+        f"config.loss.options: grad_in_forward runs the chunked XLA op; "
+        f"impl={impl!r} does not apply (use 'auto')")
   b, l, d = policy.h_BxLxD.shape
   h_NxD = policy.h_BxLxD.reshape(b * l, d)
   y_N = batch["targets"].reshape(-1)
@@ -57,7 +72,8 @@ def cross_entropy(policy: Head, batch, *, ref: Head | None = None,
   trained_N = batch["loss_mask"].reshape(-1) > 0
   sums = lambda h, y, wt: _xent_sums(
       h, policy, jnp.where(wt != 0, y, -1), wt,
-      label_smoothing=label_smoothing, z_loss=z_loss, impl=impl)
+      label_smoothing=label_smoothing, z_loss=z_loss, impl=impl,
+      grad_in_forward=grad_in_forward)
   cap = min(b * l, 8 * math.ceil(target_capacity * b * l / 8))
   if cap >= b * l:
     loss_sum, nll_sum = sums(h_NxD, y_N, wt_N)
