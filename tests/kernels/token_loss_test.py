@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tests.kernels.token_stats_test import IGNORE, N, _inputs, torch_stats
 from tunejax import kernels
@@ -117,3 +118,25 @@ def test_temp_memory_is_one_logit_row_block_plus_float32_dw(dtype, extra):
   # Measured: f32 173 MiB, bf16 701 MiB.
   assert temp <= ROW_BUDGET + extra * d * v + (64 << 20), (
       temp / 2**20)
+
+
+def test_sharded_inputs_on_fake_mesh_match_unsharded():
+  """Trainer layout: tokens over (data, fsdp), w over (fsdp, tensor)."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(AxisType.Auto,) * 3)
+  h, w, y, cts = _inputs(6)
+  h, y, wt = h[:40], y[:40], jnp.abs(cts[0][:40])  # 40 tokens: 8 shards
+  w = w[:, :320]
+
+  def grads(h, w, y, wt):
+    return jax.value_and_grad(
+        lambda h, w: _loss(h, w, y, wt, 0.1, 1e-3, block_n=8, block_v=64),
+        argnums=(0, 1))(h, w)
+
+  want = jax.jit(grads)(h, w, y, wt)
+  tokens = NamedSharding(mesh, P(("data", "fsdp")))
+  w_sharding = NamedSharding(mesh, P("fsdp", "tensor"))
+  got = jax.jit(grads)(*(jax.device_put(x, s) for x, s in (
+      (h, tokens), (w, w_sharding), (y, tokens), (wt, tokens))))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

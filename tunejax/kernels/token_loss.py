@@ -82,7 +82,7 @@ def token_loss(h_NxD, w, targets_N, weights_N, *, label_smoothing=0.0,
   loss, stats = _loss(h_NxD, w, y_N, weights_N.astype(jnp.float32), terms)
   logp, lse, smooth = jax.lax.stop_gradient(stats)
   return loss, TokenStats(logp, lse, None,
-                             smooth if label_smoothing else None)
+                          smooth if label_smoothing else None)
 
 
 def _per_token(logp, lse, smooth, wt, t: LossTerms):
