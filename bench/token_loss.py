@@ -76,9 +76,10 @@ def loss_fn(impl, block_n=None, block_v=None, grads=(0, 1)):
       wt = (jnp.ones_like(y, jnp.float32) if LOSS[0] == "ce" else
             valid.astype(jnp.float32)) / (y.size if LOSS[0] == "ce" else
                                           jnp.sum(valid))
-      return kernels.token_loss(h, w, y, wt, block_n=block_n,
-                                block_v=block_v,
-                                z_loss=0.0 if LOSS[0] == "ce" else 1e-4)[0]
+      terms = kernels.cross_entropy_terms(
+          z_loss=0.0 if LOSS[0] == "ce" else 1e-4)
+      return kernels.token_loss(h, w, y, terms, wt, block_n=block_n,
+                                block_v=block_v)[0]
     st = kernels.token_stats(h, w, y, impl=impl, block_n=block_n,
                              block_v=block_v)
     return _tokens_loss(st.logp, st.lse, y >= 0)

@@ -28,7 +28,7 @@ def _loss(h, w, y, wt, eps, z, vocab_axis=1, **kw):
   """The loss of `[D, V]` w, read as its `[V, D]` transpose when
   vocab_axis=0 (autodiff returns dw as `[D, V]` either way)."""
   w = w if vocab_axis == 1 else w.T
-  return kernels.token_loss(h, w, y, wt, label_smoothing=eps, z_loss=z,
+  return kernels.token_loss(h, w, y, kernels.cross_entropy_terms(eps, z), wt,
                             ignore_index=IGNORE, vocab_axis=vocab_axis,
                             **kw)[0]
 
@@ -56,24 +56,55 @@ def test_value_and_grads_match_float64_reference(eps, z, scaling, block_v,
                                atol=1e-5, err_msg=name)
 
 
+def _ppo_terms(st, rows):
+  """A PPO-clip token loss with an entropy bonus (RL shape of per_token)."""
+  ratio = jnp.exp(st.logp - rows["old_logp"])
+  adv = rows["adv"]
+  surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 0.8, 1.2) * adv)
+  return rows["mask"] * (-surrogate - 0.01 * st.entropy)
+
+
+def test_any_per_token_loss_matches_autodiff_through_token_stats():
+  h, w, y, cts = _inputs(7)
+  valid = (y != IGNORE).astype(jnp.float32)
+  naive = kernels.token_stats(h, w, y, ignore_index=IGNORE, impl="naive")
+  rows = {"adv": cts[0], "mask": valid,
+          "old_logp": naive.logp + 0.3 * cts[1]}  # some ratios clip
+
+  def fused(h, w, rows):
+    return kernels.token_loss(h, w, y, _ppo_terms, rows, softcap=3.0,
+                              ignore_index=IGNORE, block_n=16,
+                              block_v=100)[0]
+
+  def ref(h, w, rows):
+    st = kernels.token_stats(h, w, y, softcap=3.0, want_entropy=True,
+                             ignore_index=IGNORE, impl="naive")
+    return jnp.sum(_ppo_terms(st, rows))
+
+  got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(h, w, rows)
+  want = jax.value_and_grad(ref, argnums=(0, 1, 2))(h, w, rows)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # float32 both
+
+
 def test_statistics_and_forward_only_value():
   h, w, y, cts = _inputs(4)
   wt = jnp.abs(cts[1])
-  loss, st = kernels.token_loss(h, w, y, wt, label_smoothing=0.1,
-                                ignore_index=IGNORE, block_n=16, block_v=128)
-  ref = kernels.token_stats(h, w, y, label_smoothing=0.1,
+  terms = kernels.cross_entropy_terms(0.1)
+  run = lambda h: kernels.token_loss(h, w, y, terms, wt, ignore_index=IGNORE,
+                                     block_n=16, block_v=128)
+  loss, st = run(h)
+  ref = kernels.token_stats(h, w, y, label_smoothing=0.1, want_entropy=True,
                             ignore_index=IGNORE, impl="naive")
-  for got, want in ((st.logp, ref.logp), (st.lse, ref.lse),
-                    (st.smooth, ref.smooth)):
+  for got, want in zip(st, ref):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  assert st.entropy is None and st.logp.shape == (N,)
+  assert st.logp.shape == (N,)
   # Not differentiated: token_stats' forward; differentiated: the fused
-  # pass. Both give the same value.
-  grad_value = jax.value_and_grad(
-      lambda h: kernels.token_loss(h, w, y, wt, label_smoothing=0.1,
-                                   ignore_index=IGNORE, block_n=16,
-                                   block_v=128)[0])(h)[0]
-  np.testing.assert_allclose(grad_value, loss, rtol=1e-6)
+  # pass. Both give the same value and statistics.
+  (grad_loss, grad_st), _ = jax.value_and_grad(run, has_aux=True)(h)
+  np.testing.assert_allclose(grad_loss, loss, rtol=1e-6)
+  for got, want in zip(grad_st, st):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_inputs_match_float64_within_bf16_rounding():
@@ -97,8 +128,9 @@ def test_three_matmul_passes_and_two_when_w_is_frozen():
   # logits, dh = g w^T, dw = h^T g; a frozen unembedding drops the dw sums.
   h, w = jnp.ones((64, 16)), jnp.ones((16, 300))
   y, wt = jnp.zeros((64,), jnp.int32), jnp.ones((64,))
-  loss = lambda h, w: kernels.token_loss(h, w, y, wt, block_n=32,
-                                         block_v=128)[0]
+  loss = lambda h, w: kernels.token_loss(
+      h, w, y, kernels.cross_entropy_terms(), wt, block_n=32,
+      block_v=128)[0]
   for argnums, dots in (((0,), 2), ((0, 1), 3)):
     hlo = jax.jit(jax.grad(loss, argnums)).lower(h, w).compile().as_text()
     assert len(re.findall(r" dot\(", hlo)) == dots, argnums
@@ -112,7 +144,8 @@ def test_temp_memory_is_one_logit_row_block_plus_float32_dw(dtype, extra):
   args = (jax.ShapeDtypeStruct((n, d), dtype),
           jax.ShapeDtypeStruct((d, v), dtype))
   loss = lambda h, w: kernels.token_loss(
-      h, w, jnp.zeros((n,), jnp.int32), jnp.ones((n,)))[0]
+      h, w, jnp.zeros((n,), jnp.int32), kernels.cross_entropy_terms(),
+      jnp.ones((n,)))[0]
   fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
   # Measured: f32 173 MiB, bf16 701 MiB.

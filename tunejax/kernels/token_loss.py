@@ -1,11 +1,16 @@
-"""Weighted cross-entropy whose gradient is formed in the forward pass.
+"""A scalar token loss whose gradient is formed in the forward pass.
 
-For a scalar loss the per-token cotangents are known before the backward
-pass runs, so `token_loss` computes (dh, dw) while it still holds each
-token block's logits: three matmul passes over the unembedding (logits,
-dh = g w^T, dw = h^T g) instead of the four of `token_stats` (logits and
-moments forward, logits again and dw backward). Per-token cotangents that
-only exist later (RL advantages, DPO margins) need `token_stats`.
+`token_loss(h, w, targets, per_token, rows)` is Σ_n per_token(stats_n,
+rows_n): any per-token function of the token statistics (logp, lse,
+entropy, smooth, as in `token_stats`) and of per-token inputs `rows`
+(weights, advantages, old log-probs, ...). Because the loss is fixed before
+the backward pass, the op differentiates `per_token` inside each token
+block (a tiny vjp on [T] vectors) and computes (dh, dw) while it still
+holds the block's logits: three matmul passes over the unembedding
+(logits, dh = g w^T, dw = h^T g) instead of the four of `token_stats`
+(logits and moments forward, logits again and dw backward). Cotangents
+that only exist after the forward pass (a DPO margin across sequences, a
+loss normalised by a statistic of the whole batch) need `token_stats`.
 
 The price is memory, paid only when the gradient is taken:
   - a block of `block_n` tokens keeps its scaled logits for the whole
@@ -16,14 +21,11 @@ The price is memory, paid only when the gradient is taken:
     sums: two passes (logits, dh), as with `token_stats`.
 
 Without differentiation (eval) the loss costs `token_stats`' single pass.
-
-  loss = Σ_n wt_n · (-(1 - ε)·logp_n - ε·smooth_n + z·lse_n²)
-
-with logp, lse, smooth as in `token_stats` (targets < 0 are ignored: their
-logp and smoothing terms are 0; their z-loss term is weighted by wt_n too).
+`cross_entropy_terms(ε, z)` is the SFT cross-entropy
+  wt_n · (-(1 - ε)·logp_n - ε·smooth_n + z·lse_n²)     (rows = wt).
 """
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +37,13 @@ from tunejax.kernels.token_stats import TokenStats, token_stats
 # Default cap on one block's `[block_n, V]` float32 logits.
 ROW_BUDGET = 128 << 20
 
+# per_token(stats: TokenStats of [T] arrays, rows: pytree of [T, ...]) -> [T]
+PerToken = Callable[[TokenStats, object], jax.Array]
 
-class LossTerms(NamedTuple):
-  """Static loss coefficients (ε, z) and the op's tiling."""
-  label_smoothing: float
-  z_loss: float
+
+class Static(NamedTuple):
+  """The per-token loss and the op's (hashable) options."""
+  per_token: PerToken
   scaling: _tiles.Scaling
   vocab_axis: int
   block_n: int
@@ -47,115 +51,126 @@ class LossTerms(NamedTuple):
   dtype: str  # of h and w
 
 
-def token_loss(h_NxD, w, targets_N, weights_N, *, label_smoothing=0.0,
-               z_loss=0.0, softcap=None, temperature=1.0, ignore_index=-1,
+def _xent(label_smoothing, z_loss, st: TokenStats, wt):
+  eps = label_smoothing
+  return wt * (-(1.0 - eps) * st.logp - eps * st.smooth + z_loss * st.lse**2)
+
+
+def cross_entropy_terms(label_smoothing: float = 0.0,
+                        z_loss: float = 0.0) -> PerToken:
+  """per_token of the weighted SFT cross-entropy (rows = weights [N])."""
+  return functools.partial(_xent, float(label_smoothing), float(z_loss))
+
+
+def token_loss(h_NxD, w, targets_N, per_token: PerToken, rows, *,
+               softcap=None, temperature=1.0, ignore_index=-1,
                vocab_axis: int = 1, block_n=None, block_v=None):
-  """Weighted token cross-entropy sum and its statistics, in three passes.
+  """Σ_n per_token(stats_n, rows_n) in three matmul passes, and the stats.
 
   Args:
     h_NxD: final hidden states.
     w: unembedding `[D, V]` (or `[V, D]` with `vocab_axis=0`).
-    targets_N: target ids; `ignore_index` and negative ids are ignored.
-    weights_N: float per-token weights wt_n (differentiable).
-    label_smoothing, z_loss: ε and z of the loss above.
+    targets_N: target ids; `ignore_index` and negative ids are ignored
+      (their logp is 0, as in `token_stats`).
+    per_token: (TokenStats of [T] float32 arrays, rows sliced to [T, ...])
+      -> [T] losses; elementwise over tokens, traced once per token block.
+    rows: pytree of float `[N, ...]` per-token inputs (differentiable).
     softcap, temperature: the logit transform of `token_stats`.
     vocab_axis: which axis of w indexes the vocabulary.
     block_n, block_v: tokens per block (default: the most whose logits
       fit `ROW_BUDGET`) and vocabulary columns per matmul tile.
 
   Returns:
-    (loss, TokenStats(logp, lse, None, smooth)): loss is a float32 scalar
-    differentiable w.r.t. h, w and weights_N; the statistics carry no
+    (loss, TokenStats(logp, lse, entropy, smooth)): loss is a float32
+    scalar differentiable w.r.t. h, w and rows; the statistics carry no
     gradient (use `token_stats` to differentiate through them).
   """
   h_NxD, w = _tiles.common_dtype(h_NxD, w)
   n, v = h_NxD.shape[0], w.shape[vocab_axis]
   if block_n is None:
     block_n = max(8, min(ROW_BUDGET // (4 * v), -(-n // 8) * 8) // 8 * 8)
-  terms = LossTerms(float(label_smoothing), float(z_loss),
-                    _tiles.Scaling(None if softcap is None else
-                                   float(softcap), float(temperature)),
-                    vocab_axis, int(block_n),
-                    int(block_v or _xla.default_blocks()[1]),
-                    jnp.dtype(h_NxD.dtype).name)
+  static = Static(per_token, _tiles.Scaling(
+      None if softcap is None else float(softcap), float(temperature)),
+                  vocab_axis, int(block_n),
+                  int(block_v or _xla.default_blocks()[1]),
+                  jnp.dtype(h_NxD.dtype).name)
   y_N = jnp.where(targets_N == ignore_index, -1, targets_N).astype(jnp.int32)
-  loss, stats = _loss(h_NxD, w, y_N, weights_N.astype(jnp.float32), terms)
-  logp, lse, smooth = jax.lax.stop_gradient(stats)
-  return loss, TokenStats(logp, lse, None,
-                          smooth if label_smoothing else None)
-
-
-def _per_token(logp, lse, smooth, wt, t: LossTerms):
-  """The loss of each token (before the sum)."""
-  eps = t.label_smoothing
-  return wt * (-(1.0 - eps) * logp - eps * smooth + t.z_loss * lse**2)
+  rows = jax.tree.map(lambda r: r.astype(jnp.float32), rows)
+  loss, stats = _loss(h_NxD, w, y_N, rows, static)
+  return loss, TokenStats(*jax.lax.stop_gradient(stats))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _loss(h, w, y, wt, t: LossTerms):
-  # Not differentiated (eval): token_stats' single forward pass.
+def _loss(h, w, y, rows, t: Static):
+  # Not differentiated (eval): token_stats' single forward pass, which
+  # always computes all four statistics (the flags only keep them).
   st = token_stats(h, w, y, softcap=t.scaling.softcap,
-                   temperature=t.scaling.temperature,
-                   label_smoothing=t.label_smoothing, impl="xla",
-                   block_v=t.block_v, vocab_axis=t.vocab_axis)
-  smooth = st.smooth if t.label_smoothing else jnp.zeros_like(st.lse)
-  return (jnp.sum(_per_token(st.logp, st.lse, smooth, wt, t)),
-          (st.logp, st.lse, smooth))
+                   temperature=t.scaling.temperature, want_entropy=True,
+                   label_smoothing=1.0, impl="xla", block_v=t.block_v,
+                   vocab_axis=t.vocab_axis)
+  return jnp.sum(t.per_token(st, rows)), tuple(st)
 
 
-def _loss_fwd(h, w, y, wt, t: LossTerms):
-  logp, lse, smooth, dh, dw = _with_grads(h, w, y, wt, t)
-  unit_N = _per_token(logp, lse, smooth, 1.0, t)  # d loss / d wt
-  return (jnp.sum(wt * unit_N), (logp, lse, smooth)), (dh, dw, unit_N)
+def _loss_fwd(h, w, y, rows, t: Static):
+  loss, stats, dh, dw, d_rows = _with_grads(h, w, y, rows, t)
+  return (loss, stats), (dh, dw, d_rows)
 
 
 def _loss_bwd(t, res, ct):
-  dh, dw, unit_N = res  # float32: cast once, after the scaling
+  dh, dw, d_rows = res  # float32: cast once, after the scaling
   g = ct[0]  # cotangents of the (gradient-free) statistics are dropped
   return ((g * dh).astype(t.dtype), (g * dw).astype(t.dtype), None,
-          g * unit_N)
+          jax.tree.map(lambda d: g * d, d_rows))
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
 
 
-def _coefs(st: _tiles.Stats, y, wt, t: LossTerms, vocab):
-  """(logp, lse, smooth) [T, 1] and the `stats_grad` coefficients of the
-  loss w.r.t. them."""
-  logp, lse, entropy, smooth = _tiles.finalize_stats(st, y, vocab)
-  eps = t.label_smoothing
-  coef = _tiles.stats_coefs((-(1.0 - eps) * wt)[:, 0],
-                            (2.0 * t.z_loss * wt * lse)[:, 0],
-                            jnp.zeros_like(wt[:, 0]), (-eps * wt)[:, 0],
-                            (y >= 0)[:, 0], lse[:, 0], entropy[:, 0], vocab)
-  return logp, lse, smooth, coef
+def _block_loss(st: _tiles.Stats, y, rows, t: Static, vocab):
+  """A block's losses [T], stats [T] each, `stats_grad` coefficients and
+  d loss / d rows, from its softmax accumulators."""
+  logp, lse, entropy, smooth = (x[:, 0] for x in _tiles.finalize_stats(
+      st, y, vocab))
+  stats = TokenStats(logp, lse, entropy, smooth)
+  loss_T, vjp = jax.vjp(lambda s, r: t.per_token(s, r), stats, rows)
+  g_stats, d_rows = vjp(jnp.ones_like(loss_T))
+  coef = _tiles.stats_coefs(g_stats.logp, g_stats.lse, g_stats.entropy,
+                            g_stats.smooth, y[:, 0] >= 0, lse, entropy, vocab)
+  return loss_T, stats, coef, d_rows
 
 
-def _with_grads(h, w, y, wt, t: LossTerms):
-  """-> logp, lse, smooth [N] and the unit-cotangent (dh, dw), float32."""
+def _with_grads(h, w, y, rows, t: Static):
+  """-> loss, stats [N] each, and the unit-cotangent (dh, dw, d rows),
+  float32."""
   ax = t.vocab_axis
   n, d, v = h.shape[0], h.shape[1], w.shape[ax]
   bn, bv, n_blocks, v_blocks = _xla.plan(n, v, t.block_n, t.block_v)
   pad = lambda x, val=0: _tiles.pad_rows(x, n_blocks * bn, val)
   blocks = lambda x: x.reshape((n_blocks, bn) + x.shape[1:])
   xs = (blocks(pad(h).astype(_xla.compute_dtype(h))), blocks(pad(y, -1)),
-        blocks(pad(wt)))
+        jax.tree.map(lambda r: blocks(pad(r)), rows))
+  row_ok = blocks(jnp.arange(n_blocks * bn) < n)
 
   def token_block(dw, blk):
-    h_b, y_b, wt_b = blk
-    y_b, wt_b = y_b[:, None], wt_b[:, None]
+    (h_b, y_b, rows_b), ok_b = blk
+    y_b = y_b[:, None]
     s_row, st = _row_logits(h_b, w, y_b, t, bv, v_blocks)
-    logp, lse, smooth, coef = _coefs(st, y_b, wt_b, t, v)
+    loss_T, stats, coef, d_rows = _block_loss(st, y_b, rows_b, t, v)
+    # Padding rows: no loss, no gradient (whatever per_token does there).
+    coef = jnp.where(ok_b[:, None], coef, 0.0)
     dh_b, dw = _row_grads(h_b, w, y_b, s_row, coef, dw, t, bv, v_blocks)
-    return dw, (logp[:, 0], lse[:, 0], smooth[:, 0], dh_b)
+    loss = jnp.sum(jnp.where(ok_b, loss_T, 0.0))
+    return dw, (loss, stats, dh_b, d_rows)
 
   dw0 = jnp.zeros(w.shape, jnp.float32)
-  dw, (logp, lse, smooth, dh) = jax.lax.scan(token_block, dw0, xs)
+  dw, (loss, stats, dh, d_rows) = jax.lax.scan(token_block, dw0,
+                                               (xs, row_ok))
   cut = lambda x: x.reshape((n_blocks * bn,) + x.shape[2:])[:n]
-  return cut(logp), cut(lse), cut(smooth), cut(dh).reshape(n, d), dw
+  return (jnp.sum(loss), tuple(cut(x) for x in stats), cut(dh), dw,
+          jax.tree.map(cut, d_rows))
 
 
-def _row_logits(h_b, w, y_b, t: LossTerms, bv, v_blocks):
+def _row_logits(h_b, w, y_b, t: Static, bv, v_blocks):
   """A block's scaled logits for every column, `[T, V]` float32, and its
   softmax statistics (folded chunk by chunk, as in `token_stats`)."""
   v = w.shape[t.vocab_axis]
@@ -176,7 +191,7 @@ def _row_logits(h_b, w, y_b, t: LossTerms, bv, v_blocks):
   return jax.lax.fori_loop(0, v_blocks, chunk, init)[:2]
 
 
-def _row_grads(h_b, w, y_b, s_row, coef, dw, t: LossTerms, bv, v_blocks):
+def _row_grads(h_b, w, y_b, s_row, coef, dw, t: Static, bv, v_blocks):
   """dh of a block and dw plus the block's share, chunk by chunk."""
   ax, v = t.vocab_axis, w.shape[t.vocab_axis]
 

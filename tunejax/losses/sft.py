@@ -23,8 +23,9 @@ def _xent_sums(h_NxD, head: Head, targets_N, wt_N, *, label_smoothing,
   """(weighted loss sum, weighted nll sum) over N tokens."""
   if grad_in_forward:
     loss_sum, stats = kernels.token_loss(
-        h_NxD, head.w, targets_N, wt_N, label_smoothing=label_smoothing,
-        z_loss=z_loss, softcap=head.softcap, vocab_axis=head.vocab_axis)
+        h_NxD, head.w, targets_N,
+        kernels.cross_entropy_terms(label_smoothing, z_loss), wt_N,
+        softcap=head.softcap, vocab_axis=head.vocab_axis)
     return loss_sum, -jnp.sum(wt_N * stats.logp)
   stats = kernels.token_stats(h_NxD, head.w, targets_N, softcap=head.softcap,
                               label_smoothing=label_smoothing, impl=impl,
