@@ -89,9 +89,9 @@ def token_loss(h_NxD, w, targets_N, per_token: PerToken, rows, *,
   n, v = h_NxD.shape[0], w.shape[vocab_axis]
   if block_n is None:
     block_n = max(8, min(ROW_BUDGET // (4 * v), -(-n // 8) * 8) // 8 * 8)
-  static = Static(per_token, _tiles.Scaling(
-      None if softcap is None else float(softcap), float(temperature)),
-                  vocab_axis, int(block_n),
+  scaling = _tiles.Scaling(None if softcap is None else float(softcap),
+                           float(temperature))
+  static = Static(per_token, scaling, vocab_axis, int(block_n),
                   int(block_v or _xla.default_blocks()[1]),
                   jnp.dtype(h_NxD.dtype).name)
   y_N = jnp.where(targets_N == ignore_index, -1, targets_N).astype(jnp.int32)
@@ -132,7 +132,7 @@ def _block_loss(st: _tiles.Stats, y, rows, t: Static, vocab):
   logp, lse, entropy, smooth = (x[:, 0] for x in _tiles.finalize_stats(
       st, y, vocab))
   stats = TokenStats(logp, lse, entropy, smooth)
-  loss_T, vjp = jax.vjp(lambda s, r: t.per_token(s, r), stats, rows)
+  loss_T, vjp = jax.vjp(t.per_token, stats, rows)
   g_stats, d_rows = vjp(jnp.ones_like(loss_T))
   coef = _tiles.stats_coefs(g_stats.logp, g_stats.lse, g_stats.entropy,
                             g_stats.smooth, y[:, 0] >= 0, lse, entropy, vocab)
