@@ -1,7 +1,10 @@
 """Forward and greedy-decode throughput: tunejax vs transformers (CPU, f32).
 
 Same weights on both sides (the random HF model is saved and loaded by
-tunejax). Prints tokens/s and the tunejax / transformers ratios.
+tunejax). Prints tokens/s and the tunejax / transformers ratios, and two
+decode ceilings: the machine's read bandwidth over the weights and KV, and
+the time of one step's weight products alone (the model's own matrices at
+the decode batch, in JAX and in torch), which bounds any decoder here.
 
   python bench/forward.py [--d 512 --layers 8 --batch 8 --prompt 64 --new 128]
                           [--num_samples 4 --prompt 512]   # GRPO-style groups
@@ -31,18 +34,54 @@ def read_bandwidth(repeats: int, n_bytes: int = 1 << 30) -> float:
   return n_bytes / secs
 
 
-def matmul_stream_rate(batch: int, d: int, n: int, repeats: int,
-                       n_bytes: int = 512 << 20) -> float:
-  """Weight bytes/s of `[batch, d] @ [d, n]` products over distinct
-  weights (more than the caches hold), as in a decode step: what this
-  backend's matmul kernels reach at this batch."""
-  count = max(1, n_bytes // (4 * d * n))
-  ws = [jax.random.normal(jax.random.PRNGKey(i), (d, n)) for i in range(count)]
-  x = jnp.ones((batch, d), jnp.float32)
-  run = jax.jit(lambda x, ws: sum(x @ w for w in ws))
-  secs = best_of(lambda: run(x, ws).block_until_ready(), max(repeats, 5),
-                 warmup=True)
-  return count * 4 * d * n / secs
+def _layer_weights(hf):
+  """Per layer, the HF model's (q, k, v, o, gate, up, down) weights, torch
+  `[out, in]` tensors; and the lm_head's."""
+  layers = [(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+             a.o_proj.weight, m.gate_proj.weight, m.up_proj.weight,
+             m.down_proj.weight)
+            for a, m in ((l.self_attn, l.mlp) for l in hf.model.layers)]
+  return layers, hf.lm_head.weight
+
+
+def _chain(h, layers, head, mm, silu, rowsum):
+  """One decode step's products only: each layer's seven batch-B products
+  in order (the query stands in for the attention output, and the keys
+  and values enter through a small row sum so none is dead code), then the
+  head. Each product's input depends on the previous ones, as in the
+  model."""
+  for q, k, v, o, g, u, d in layers:
+    kv = rowsum(mm(h, k) * mm(h, v))
+    h = h + mm(mm(h, q), o) + 1e-6 * kv
+    h = h + mm(silu(mm(h, g)) * mm(h, u), d)
+  return mm(h, head)
+
+
+def matmul_chain_seconds(hf, rows: int, repeats: int) -> dict:
+  """Seconds of one decode step's weight products alone (no attention,
+  norms or sampling) at batch `rows`, over the model's own weights: in JAX
+  (XLA:CPU kernels) and in torch. No decoder on this machine steps faster
+  than the faster of the two, so transformers' step time over it bounds
+  any decoder's ratio."""
+  layers, head = _layer_weights(hf)
+  x = np.random.RandomState(1).randn(rows, head.shape[1]).astype(np.float32)
+  with torch.no_grad():
+    t_layers = [tuple(w.detach() for w in l) for l in layers]
+    tx, th = torch.from_numpy(x), head.detach()
+    t_step = lambda: _chain(tx, t_layers, th, lambda a, w: a @ w.T,
+                            torch.nn.functional.silu,
+                            lambda t: t.sum(-1, keepdim=True))
+    secs_torch = best_of(t_step, max(repeats, 5), warmup=True)
+  j_layers = [tuple(jnp.asarray(w.detach().numpy().T) for w in l)
+              for l in layers]
+  jh = jnp.asarray(head.detach().numpy().T)
+  run = jax.jit(lambda x, ls, hd: _chain(
+      x, ls, hd, jnp.matmul, jax.nn.silu,
+      lambda t: jnp.sum(t, -1, keepdims=True)))
+  jx = jnp.asarray(x)
+  secs_jax = best_of(lambda: run(jx, j_layers, jh).block_until_ready(),
+                     max(repeats, 5), warmup=True)
+  return {"jax": secs_jax, "torch": secs_torch}
 
 
 def decode_floor(cfg, prompts: int, samples: int, prompt: int, new: int,
@@ -136,16 +175,21 @@ def main():
   print(f"decode   tokens/s: tunejax {n / t_jax:10.1f}   transformers "
         f"{n / t_hf:10.1f}   ratio {t_hf / t_jax:.2f}x")
   rows = args.batch * args.num_samples
-  for what, rate in (
-      ("read bandwidth", read_bandwidth(args.repeats)),
-      (f"batch-{rows} matmul weight stream",
-       matmul_stream_rate(rows, args.d, args.mlp, args.repeats))):
-    floor = decode_floor(cfg, args.batch, args.num_samples, args.prompt,
-                         args.new, rate)
-    print(f"decode   ceiling at this machine's {what} ({rate / 1e9:.1f} "
-          f"GB/s; f32 weights + KV): {n / floor:10.1f} tokens/s = "
-          f"{t_hf / floor:.2f}x transformers")
-
+  bw = read_bandwidth(args.repeats)
+  floor = decode_floor(cfg, args.batch, args.num_samples, args.prompt,
+                       args.new, bw)
+  print(f"decode   ceiling at this machine's read bandwidth ({bw / 1e9:.1f} "
+        f"GB/s; f32 weights + KV): {n / floor:10.1f} tokens/s = "
+        f"{t_hf / floor:.2f}x transformers")
+  chain = matmul_chain_seconds(hf, rows, args.repeats)
+  best = min(chain.values())
+  print(f"decode   one step's weight products alone, batch {rows}: JAX "
+        f"{chain['jax'] * 1e3:.1f} ms, torch {chain['torch'] * 1e3:.1f} ms "
+        f"(transformers' step: {t_hf / args.new * 1e3:.1f} ms, tunejax's: "
+        f"{t_jax / args.new * 1e3:.1f} ms)")
+  print(f"decode   ceiling at those products' speed (no attention, norms, "
+        f"sampling or prefill): {rows / best:10.1f} tokens/s = "
+        f"{t_hf / (args.new * best):.2f}x transformers")
 
 if __name__ == "__main__":
   main()
