@@ -100,7 +100,49 @@ def run_torch(a, compiled: bool):
 
   return {**step_stats(step, a.steps, a.batch * a.seq), "rss_mb": _rss_mb()}
 
-CONTENDERS = {"peak": lambda a: matmul_peak(), "tunejax": run_tunejax,
+def _products(a):
+  """(M, K, N) of the step's weight products: every linear layer's forward
+  and activation-gradient product, the head's, and with full fine-tuning
+  their weight-gradient products (attention, norms and the optimizer
+  left out)."""
+  t, d, f, v = a.batch * a.seq, W1["d_model"], W1["mlp_dim"], W1["vocab_size"]
+  k = W1["head_dim"]
+  q, kv = W1["n_heads"] * k, W1["n_kv_heads"] * k
+  linears = ([(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)] *
+             W1["n_layers"])
+  out = []
+  for i, o in linears + [(d, v)]:
+    out += [(t, i, o), (t, o, i)]  # forward, activation gradient
+    if a.method == "none":
+      out.append((i, t, o))  # weight gradient
+  return out
+
+
+def run_products(a):
+  """Seconds of the step's weight products alone, in JAX and in torch
+  (each product independent, so each library schedules them freely): the
+  floor of each library's kernels under any step on these shapes."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from timing import best_of  # pylint: disable=g-import-not-at-top
+  shapes = _products(a)
+  rng = np.random.default_rng(0)
+  mats = [(rng.standard_normal((m, k), np.float32),
+           rng.standard_normal((k, n), np.float32)) for m, k, n in shapes]
+  j = [(jnp.asarray(x), jnp.asarray(w)) for x, w in mats]
+  run = jax.jit(lambda ps: [x @ w for x, w in ps])
+  secs_jax = best_of(lambda: jax.block_until_ready(run(j)), a.steps,
+                     warmup=True)
+  t = [(torch.from_numpy(x), torch.from_numpy(w)) for x, w in mats]
+  secs_torch = best_of(lambda: [x @ w for x, w in t], a.steps, warmup=True)
+  flops = sum(2 * m * k * n for m, k, n in shapes)
+  return {"jax_s": secs_jax, "torch_s": secs_torch, "flops": flops}
+
+
+CONTENDERS = {"peak": lambda a: matmul_peak(), "products": run_products,
+              "tunejax": run_tunejax,
               "torch_eager": lambda a: run_torch(a, False),
               "torch_compile": lambda a: run_torch(a, True)}
 
@@ -122,6 +164,8 @@ def _best(old, new):
   """The faster of two rounds' results, with the larger peak RSS."""
   if old is None:
     return new
+  if "jax_s" in new:  # products: each library's faster round
+    return {**new, **{k: min(old[k], new[k]) for k in ("jax_s", "torch_s")}}
   speed = "tflops" if "tokens_per_sec" not in new else "tokens_per_sec"
   best = dict(max(old, new, key=lambda r: r[speed]))
   if "rss_mb" in best:
@@ -178,6 +222,15 @@ def main():
     if tj and name in res:
       print(f"tunejax / {name}: {tj['tokens_per_sec'] / res[name]['tokens_per_sec']:.2f}x "
             f"tokens/s, RSS {tj['rss_mb'] / res[name]['rss_mb']:.2f}x")
+  pr = res.get("products")
+  if pr:
+    tokens = a.batch * a.seq
+    print(f"the step's weight products alone ({pr['flops'] / 1e12:.2f} "
+          f"TFLOP, no attention/norms/optimizer): JAX {pr['jax_s']:.2f} s "
+          f"({pr['flops'] / pr['jax_s'] / 1e9:.0f} GFLOP/s, <= "
+          f"{tokens / pr['jax_s']:.0f} tokens/s), torch {pr['torch_s']:.2f} s "
+          f"({pr['flops'] / pr['torch_s'] / 1e9:.0f} GFLOP/s, <= "
+          f"{tokens / pr['torch_s']:.0f} tokens/s)")
 
 
 if __name__ == "__main__":
