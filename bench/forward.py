@@ -191,5 +191,6 @@ def main():
         f"sampling or prefill): {rows / best:10.1f} tokens/s = "
         f"{t_hf / (args.new * best):.2f}x transformers")
 
+
 if __name__ == "__main__":
   main()

@@ -100,6 +100,7 @@ def run_torch(a, compiled: bool):
 
   return {**step_stats(step, a.steps, a.batch * a.seq), "rss_mb": _rss_mb()}
 
+
 def _products(a):
   """(M, K, N) of the step's weight products: every linear layer's forward
   and activation-gradient product, the head's, and with full fine-tuning
