@@ -51,3 +51,18 @@ def matmul_peak() -> dict:
     y = f(x)
   y.block_until_ready()
   return {"tflops": 10 * 2 * n**3 / (time.perf_counter() - t) / 1e12}
+
+
+def best_round(old: dict | None, new: dict) -> dict:
+  """Merges one contender's results over interleaved rounds: the faster
+  round (tokens/s, or TFLOP/s for the peak; each library's shorter time
+  for `products`), with the larger peak RSS."""
+  if old is None:
+    return new
+  if "jax_s" in new:
+    return {**new, **{k: min(old[k], new[k]) for k in ("jax_s", "torch_s")}}
+  speed = "tflops" if "tokens_per_sec" not in new else "tokens_per_sec"
+  best = dict(max(old, new, key=lambda r: r[speed]))
+  if "rss_mb" in best:
+    best["rss_mb"] = max(old["rss_mb"], new["rss_mb"])
+  return best

@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 
-from timing import matmul_peak, step_stats  # bench/timing.py
+from timing import best_round, matmul_peak, step_stats  # bench/timing.py
 
 W1 = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8,
           n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536,
@@ -161,19 +161,6 @@ def _run_contender(name, a):
   return json.loads(lines[-1])
 
 
-def _best(old, new):
-  """The faster of two rounds' results, with the larger peak RSS."""
-  if old is None:
-    return new
-  if "jax_s" in new:  # products: each library's faster round
-    return {**new, **{k: min(old[k], new[k]) for k in ("jax_s", "torch_s")}}
-  speed = "tflops" if "tokens_per_sec" not in new else "tokens_per_sec"
-  best = dict(max(old, new, key=lambda r: r[speed]))
-  if "rss_mb" in best:
-    best["rss_mb"] = max(old["rss_mb"], new["rss_mb"])
-  return best
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=5)
@@ -203,7 +190,7 @@ def main():
     for name in CONTENDERS:
       r = _run_contender(name, a)
       if r is not None:
-        res[name] = _best(res.get(name), r)
+        res[name] = best_round(res.get(name), r)
   peak = res.get("peak", {}).get("tflops")
   print(f"\nW1 ({a.method}, batch {a.batch} x seq {a.seq}); f32 matmul peak "
         f"{peak and peak * 1e3:.1f} GFLOP/s")
