@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 
-from timing import best_round, matmul_peak, step_stats  # bench/timing.py
+from timing import best_of, best_round, matmul_peak, step_stats  # bench/timing.py
 
 W1 = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8,
           n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536,
@@ -127,7 +127,6 @@ def run_products(a):
   import jax.numpy as jnp
   import numpy as np
   import torch
-  from timing import best_of  # pylint: disable=g-import-not-at-top
   shapes = _products(a)
   rng = np.random.default_rng(0)
   mats = [(rng.standard_normal((m, k), np.float32),
