@@ -102,17 +102,54 @@ def test_logits_match_llamacpp(packed_logits, fixture):
     assert diff.mean() <= 0.75 and diff.max() <= 4.0, (p["name"], diff.max())
 
 
-@pytest.mark.slow  # transformers' GGUF load takes 30-80 s here.
-def test_logits_match_transformers_gguf(packed_logits, fixture):
+def _without_vocabulary(src: str, dst: str) -> None:
+  """Copies the GGUF at `src` to `dst` without its tokenizer arrays.
+
+  Tensor bytes and model metadata are copied unchanged; `gemma3.vocab_size`
+  takes the place of the token list transformers would count. Its GGUF
+  reader spends ~70 s building memmap views of the 262k-entry arrays,
+  which play no part in the logits.
+  """
+  gguf_py = pytest.importorskip("gguf")
+  gf = gguf.read_gguf(src)
+  meta = gf.metadata
+  arch = meta["general.architecture"]
+  w = gguf_py.GGUFWriter(dst, arch)
+  vt = gguf_py.GGUFValueType
+  kinds = {bool: vt.BOOL, int: vt.INT64, float: vt.FLOAT32, str: vt.STRING}
+  for key, val in meta.items():
+    if key == "general.architecture" or key.startswith("tokenizer.ggml.") \
+        and isinstance(val, list):
+      continue
+    if isinstance(val, list):
+      w.add_key_value(key, val, vt.ARRAY, kinds[type(val[0])])
+    else:
+      w.add_key_value(key, val, kinds[type(val)])
+  w.add_key_value(f"{arch}.vocab_size", len(meta["tokenizer.ggml.tokens"]),
+                  vt.INT64)
+  data = np.memmap(src, np.uint8, mode="r")
+  for t in gf.tensors.values():
+    raw = data[t.offset:t.offset + t.nbytes].reshape(*t.shape[:-1], -1)
+    w.add_tensor(t.name, np.asarray(raw),
+                 raw_dtype=gguf_py.GGMLQuantizationType(t.ggml_type))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+@pytest.mark.slow
+def test_logits_match_transformers_gguf(packed_logits, fixture, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  path = gguf.resolve_path("gemma3-270m")
+  path = str(tmp_path / "model.gguf")
+  _without_vocabulary(gguf.resolve_path("gemma3-270m"), path)
   ref = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path),
-      dtype=torch.float32).eval()
+      str(tmp_path), gguf_file="model.gguf", dtype=torch.float32).eval()
   long = next(p for p in fixture["prompts"] if p["name"] == "long")
   assert len(long["ids"]) >= 600  # Crosses the 512-token window.
   with torch.no_grad():
     want = ref(torch.tensor([long["ids"]])).logits[0].numpy()
-  got = packed_logits["long"]
-  np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+  # [679, 262144]: a plain max (assert_allclose takes ~17 s on this size).
+  diff = np.abs(packed_logits["long"] - want).max()
+  assert diff <= 1e-3, diff
