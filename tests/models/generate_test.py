@@ -157,3 +157,21 @@ def test_top_p_keeps_the_smallest_sorted_prefix(top_p):
     n = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
     want = p >= p[order[min(n, len(p)) - 1]]
     np.testing.assert_array_equal(got, want)
+
+
+def test_argmax_and_gumbel_sampler_equal_jax_reference():
+  """`_argmax` == jnp.argmax (first index on ties, all -inf rows), and
+  sampling == jax.random.categorical draw for draw (same Gumbel noise)."""
+  from tunejax.models.generate import _argmax, _sample  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(0)
+  logits = rs.randint(-3, 3, (6, 500)).astype(np.float32)  # many ties
+  logits[1, :] = -np.inf
+  logits[2, 7] = logits[2, 400] = 10.0
+  logits = jax.numpy.asarray(logits)
+  np.testing.assert_array_equal(_argmax(logits),
+                                jax.numpy.argmax(logits, axis=-1))
+  for seed in range(5):
+    key = jax.random.key(seed)
+    want = jax.random.categorical(key, logits[2:] / 0.7, axis=-1)
+    got = _sample(logits[2:], key, 0.7, None, None)
+    np.testing.assert_array_equal(got, want)

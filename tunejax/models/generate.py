@@ -67,11 +67,22 @@ def _top_p(logits_BxV: jax.Array, top_p: float) -> jax.Array:
   return jnp.where(key < floor, -jnp.inf, logits_BxV)
 
 
+def _argmax(logits_BxV: jax.Array) -> jax.Array:
+  """First index of the row maximum (as `jnp.argmax`), as two plain
+  reductions: XLA:CPU's fused (value, index) reduce is 4-5x slower (0.56 ms
+  a step at V=32k, batch 8). A NaN row gives index 0."""
+  v = logits_BxV.shape[-1]
+  top = jnp.max(logits_BxV, axis=-1, keepdims=True)
+  idx = jnp.arange(v, dtype=jnp.int32)
+  first = jnp.min(jnp.where(logits_BxV == top, idx, v), axis=-1)
+  return jnp.where(first == v, 0, first)
+
+
 def _sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
             top_k: int | None, top_p: float | None) -> jax.Array:
   """Greedy (temperature 0) or temperature / top-k / top-p sampling."""
   if temperature == 0.0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return _argmax(logits_BxV)
   logits = logits_BxV / temperature
   if top_k is not None:
     # The min of the values (not their last column) keeps XLA:CPU on its
@@ -80,7 +91,8 @@ def _sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p is not None:
     logits = _top_p(logits, top_p)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  # jax.random.categorical's Gumbel-max, with the faster argmax.
+  return _argmax(logits + jax.random.gumbel(rng, logits.shape, logits.dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
@@ -129,8 +141,8 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
     t, logits, cache, done, out_tok, out_logp, n_B, rng = state
     rng, key = jax.random.split(rng)
     tok_B = _sample(logits, key, temperature, top_k, top_p)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
-                                 tok_B[:, None], axis=-1)[:, 0]
+    logp_B = (jnp.take_along_axis(logits, tok_B[:, None], axis=-1)[:, 0]
+              - jax.nn.logsumexp(logits, axis=-1))
     tok_B = jnp.where(done, cfg.pad_id, tok_B)
     out_tok = out_tok.at[:, t].set(tok_B)
     out_logp = out_logp.at[:, t].set(jnp.where(done, 0.0, logp_B))
