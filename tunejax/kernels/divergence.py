@@ -80,7 +80,7 @@ def token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, *, direction="forward",
   if impl == "naive":
     return _reference.token_kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV,
                                direction == "reverse", sc)
-  default_n, default_v = _xla.default_blocks()
+  default_n, default_v = _xla.default_blocks(w_DxV.dtype)
   cfg = _Cfg(direction == "reverse", sc, block_n or default_n,
              block_v or default_v)
   return _kl(h_NxD, w_DxV, h_ref_NxD, w_ref_DxV, cfg)

@@ -63,7 +63,7 @@ def sample_candidates(h_NxD, w_DxV, rng, k, *, temperature=1.0, softcap=None,
     m, l, _, top_s, top_ids = carry
     return top_ids, top_s - (m + jnp.log(l))
 
-  default_n, default_v = _xla.default_blocks()
+  default_n, default_v = _xla.default_blocks(w_DxV.dtype)
   return _xla.forward(((h_NxD, w_DxV),), (row_ids,), init, fold, finish,
                       block_n=block_n or default_n,
                       block_v=block_v or default_v)

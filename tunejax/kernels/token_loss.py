@@ -92,7 +92,7 @@ def token_loss(h_NxD, w, targets_N, per_token: PerToken, rows, *,
   scaling = _tiles.Scaling(None if softcap is None else float(softcap),
                            float(temperature))
   static = Static(per_token, scaling, vocab_axis, int(block_n),
-                  int(block_v or _xla.default_blocks()[1]),
+                  int(block_v or _xla.default_blocks(h_NxD.dtype)[1]),
                   jnp.dtype(h_NxD.dtype).name)
   y_N = jnp.where(targets_N == ignore_index, -1, targets_N).astype(jnp.int32)
   rows = jax.tree.map(lambda r: r.astype(jnp.float32), rows)

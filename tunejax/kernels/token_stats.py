@@ -75,9 +75,9 @@ def resolve_impl(impl: str) -> str:
 
 def make_config(impl="auto", *, softcap=None, temperature=1.0,
                 want_entropy=False, want_smooth=False, block_n=None,
-                block_v=None, interpret=None) -> Config:
+                block_v=None, interpret=None, dtype=jnp.float32) -> Config:
   impl = resolve_impl(impl)
-  default_n, default_v = BLOCKS.get(impl) or _xla.default_blocks()
+  default_n, default_v = BLOCKS.get(impl) or _xla.default_blocks(dtype)
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
   return Config(
@@ -124,7 +124,8 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
   cfg = make_config(impl, softcap=softcap, temperature=temperature,
                     want_entropy=want_entropy,
                     want_smooth=label_smoothing > 0, block_n=block_n,
-                    block_v=block_v, interpret=interpret)
+                    block_v=block_v, interpret=interpret,
+                    dtype=jnp.result_type(h_NxD, w))
   y_N = jnp.where(targets_N == ignore_index, -1, targets_N).astype(jnp.int32)
   h_NxD, w = _tiles.common_dtype(h_NxD, w)
   if vocab_axis not in (0, 1):
