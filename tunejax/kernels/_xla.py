@@ -29,9 +29,9 @@ def default_blocks(dtype=jnp.float32) -> tuple[int, int]:
   dynamic-update-slice to float32 around the whole buffer), so fewer chunks
   are much faster. CPU, float32 w (in-place dw updates): an 8 MiB tile with
   4x the rows, which reuses each w chunk over more tokens; value and both
-  gradients at N=4096, D=640, V=262144 take 13.0 s with (1024, 2048) vs
-  15.5 s with (256, 8192) (0.68x vs 0.80x naive logits, 2-core VM), at
-  26 MiB of temp memory.
+  gradients at N=4096, D=640, V=262144 took 13.0-14.8 s with (1024, 2048)
+  vs 15.5 s with (256, 8192) and 17.5-19.7 s for naive logits (2-core
+  VM), at 26 MiB of temp memory.
   GPU: every loop iteration launches its kernels, so tiles are 8x larger
   (a 64 MiB float32 tile, still >= 100x below naive logits at that shape):
   measured on an H100, value and both gradients at that shape take 45.8 ms

@@ -121,13 +121,12 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
   if (impl == "auto" and resolve_impl(impl) == "pallas_gpu"
       and h_NxD.shape[1] % _TRITON_D_MULTIPLE):
     impl = "xla"  # the chunked path takes any D
+  h_NxD, w = _tiles.common_dtype(h_NxD, w)
   cfg = make_config(impl, softcap=softcap, temperature=temperature,
                     want_entropy=want_entropy,
                     want_smooth=label_smoothing > 0, block_n=block_n,
-                    block_v=block_v, interpret=interpret,
-                    dtype=jnp.result_type(h_NxD, w))
+                    block_v=block_v, interpret=interpret, dtype=w.dtype)
   y_N = jnp.where(targets_N == ignore_index, -1, targets_N).astype(jnp.int32)
-  h_NxD, w = _tiles.common_dtype(h_NxD, w)
   if vocab_axis not in (0, 1):
     raise errors.ConfigError(f"token_stats vocab_axis={vocab_axis}: "
                              "expected 1 (w is [D, V]) or 0 ([V, D])")
