@@ -129,6 +129,21 @@ def load_hf(path: str, dtype: str | None = None, *,
   return cfg, tree_lib.unflatten(params)
 
 
+def load_config(path: str, dtype: str | None = None) -> ModelConfig:
+  """The ModelConfig of an HF directory, `.gguf` file or alias, reading no
+  tensors (compile-only checks of models too large for this machine)."""
+  if path == "gemma3-270m" or str(path).endswith(".gguf"):
+    from tunejax.models import gguf  # pylint: disable=import-outside-toplevel
+    cfg = gguf.config_from_gguf(gguf.read_gguf(gguf.resolve_path(path)))
+    return cfg if dtype is None else cfg.replace(param_dtype=dtype,
+                                                 dtype=dtype)
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise errors.ModelError(f"{path}: not a checkpoint directory, .gguf file "
+                            "or known alias ('gemma3-270m')")
+  return hf_config.config_from_hf(_read_json(cfg_path), cfg_path, dtype)
+
+
 def load(path: str, dtype: str | None = None, *,
          shardings=None) -> tuple[ModelConfig, dict]:
   """(ModelConfig, params) from an HF directory, a `.gguf` file or an alias.

