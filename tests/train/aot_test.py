@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from tunejax import models, train
+from tunejax.train import config as tcfg
+from tests.train import configs_test
 from tests.train.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -84,3 +86,16 @@ def test_cli_reads_only_the_config_of_a_checkpoint(tmp_path):
   p = run("sft")
   assert p.returncode != 0 and "Traceback" not in p.stderr
   assert "safetensors" in p.stderr.splitlines()[-1], p.stderr[-500:]
+
+
+@pytest.mark.parametrize("recipe", ["gemma3_tpu.py", "qwen_tpu.py"])
+def test_tpu_recipe_fits_a_16_gib_chip(recipe, tmp_path):
+  """The 8-chip recipes compile and fit a v5e chip's 16 GiB (compiled for
+  CPU, which runs bf16 products through float32: an over-estimate)."""
+  c = configs_test.load(os.path.join(ROOT, "configs", recipe))
+  c.task = "compile"
+  c.data.source, c.data.format = "synthetic", "prompt_completion"
+  c.model.tokenizer = "byte"
+  r = train.run(tcfg.from_configdict(c), str(tmp_path))
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert r["peak_bytes_per_device"] < 16 * 2**30
