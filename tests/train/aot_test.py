@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tunejax import models, train
+from tunejax import errors, models, train
 from tunejax.train import config as tcfg
 from tests.train import configs_test
 from tests.train.helpers import tiny_config
@@ -99,3 +99,13 @@ def test_tpu_recipe_fits_a_16_gib_chip(recipe, tmp_path):
   r = train.run(tcfg.from_configdict(c), str(tmp_path))
   assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert r["peak_bytes_per_device"] < 16 * 2**30
+
+
+def test_dpo_step_compiles_and_precomputed_reference_is_one_line(tmp_path):
+  c = configs_test.load(os.path.join(ROOT, "configs", "tiny_dpo.py"))
+  c.task = "compile"
+  r = train.run(tcfg.from_configdict(c), str(tmp_path / "online"))
+  assert r["tokens_per_step"] == 2 * 8 * 48  # chosen + rejected rows
+  c.loss.reference = "precomputed"
+  with pytest.raises(errors.ConfigError, match="loss.reference=online"):
+    train.run(tcfg.from_configdict(c), str(tmp_path / "pre"))

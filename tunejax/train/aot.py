@@ -10,7 +10,8 @@ Reads the checkpoint's config only (no tensors) and one batch of the
 configured data (for its shapes), builds the sharded TrainState abstractly
 (`jax.eval_shape`: nothing allocated), then lowers and compiles the train
 step for the configured mesh, micro-batches, PEFT method and loss, exactly
-as task=sft would. WORKDIR/compile.json gets the per-device bytes from
+as task=sft (or task=dpo, on preference data with an online reference)
+would. WORKDIR/compile.json gets the per-device bytes from
 `compiled.memory_analysis()`, the compiler's FLOP count, the model FLOPs
 per token and the compile time; one summary line is printed.
 
@@ -28,7 +29,7 @@ import time
 import jax
 import numpy as np
 
-from tunejax import data
+from tunejax import data, errors
 from tunejax.train import setup
 from tunejax.train.config import Config
 
@@ -78,8 +79,14 @@ def _flops(compiled) -> float | None:
 
 
 def compile_report(cfg: Config, workdir: str, tokenizer) -> dict:
-  """Compiles the run's train step (task=sft's); writes WORKDIR/compile.json
-  and returns its contents."""
+  """Compiles the run's train step (task=sft's, or task=dpo's with
+  preference data and loss); writes WORKDIR/compile.json and returns its
+  contents."""
+  if cfg.loss.reference == "precomputed" or cfg.loss.name == "treg":
+    raise errors.ConfigError(
+        "config.task=compile: compiles the step with an online reference; "
+        "precomputed reference/T-REG tables need the weights (set "
+        "loss.reference=online and a non-treg loss to size the step)")
   model_cfg, _ = setup.load_model(cfg.model, weights=False)
   state, run = setup.abstract_state(cfg, model_cfg)
   batch = _first_batch(cfg, run, tokenizer)
@@ -91,7 +98,8 @@ def compile_report(cfg: Config, workdir: str, tokenizer) -> dict:
       state, batch, key).compile()
   secs = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  tokens = int(np.prod(batch["tokens"].shape))
+  tokens = sum(int(np.prod(v.shape)) for k, v in batch.items()
+               if k.endswith("tokens"))  # both sides of preference pairs
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   limit = _memory_limit()
