@@ -7,8 +7,13 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == "__main__":
+  # First, before absl and JAX load: glibc reads its tunables at start.
+  from tunejax import host  # pylint: disable=g-import-not-at-top
+  host.reexec_with_hugepages("tunejax.main")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 # The embedded default job: the quickstart recipe of this checkout.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(
