@@ -28,7 +28,7 @@ def hugepage_env(env) -> dict | None:
   glibc maps a block that large afresh each time, so every step paid ~700k
   4 KiB page faults (the kernel zeroing each page) and a 0.3 s munmap:
   1.2 s of system time per 3.2 s step on a 2-core VM. Marked for
-  transparent huge pages, a step takes ~1.4k 2 MiB faults, 0.2 s of system
+  transparent huge pages, a step takes a few thousand faults, 0.2 s of system
   time and 2.5-2.6 s, at the same peak RSS. The tunable is read at process
   start only, hence `reexec_with_hugepages`.
   """
