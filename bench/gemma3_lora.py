@@ -20,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 
-from timing import best_round, matmul_peak, step_stats  # bench/timing.py
+from timing import (add_hugepages_flag, best_round, child_env,  # bench/timing.py
+                    matmul_peak, step_stats)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
            "down_proj")
@@ -107,7 +108,8 @@ def _child(a, name, hf_dir):
   args = [sys.executable, __file__, f"--only={name}", f"--steps={a.steps}",
           f"--batch={a.batch}", f"--seq={a.seq}", f"--hf_dir={hf_dir}",
           f"--remat={a.remat}"]
-  out = subprocess.run(args, capture_output=True, text=True, check=False)
+  out = subprocess.run(args, capture_output=True, text=True, check=False,
+                       env=child_env(a.hugepages == "true"))
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
     print(f"{name}: failed\n{out.stderr[-2000:]}")
@@ -124,6 +126,7 @@ def main():
                  help="runs of every contender, interleaved; each reports "
                  "its fastest")
   p.add_argument("--only", default="")
+  add_hugepages_flag(p)
   p.add_argument("--hf_dir", default="")
   p.add_argument("--remat", default="save_dots",
                  help="tunejax model.remat: none | full | save_dots")

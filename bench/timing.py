@@ -1,4 +1,5 @@
 """Shared timing helper for the bench scripts (run as `python bench/X.py`)."""
+import os
 import time
 
 
@@ -66,3 +67,19 @@ def best_round(old: dict | None, new: dict) -> dict:
   if "rss_mb" in best:
     best["rss_mb"] = max(old["rss_mb"], new["rss_mb"])
   return best
+
+
+def child_env(hugepages: bool) -> dict:
+  """The environment of a contender's subprocess: with `hugepages`, glibc's
+  huge-page malloc tunable (as `python -m tunejax.main` sets for itself),
+  for every contender alike."""
+  from tunejax import host  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  return (host.hugepage_env(env) or env) if hugepages else env
+
+
+def add_hugepages_flag(parser) -> None:
+  parser.add_argument(
+      "--hugepages", default="true", choices=["true", "false"],
+      help="start every contender's process with glibc's huge-page malloc "
+      "tunable, as tunejax.main does")

@@ -13,13 +13,13 @@ TFLOP/s, % of the matmul peak, peak RSS, and the ratios.
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 
-from timing import best_of, best_round, matmul_peak, step_stats  # bench/timing.py
-from tunejax import host
+from timing import (  # bench/timing.py
+    add_hugepages_flag, best_of, best_round, child_env,
+    matmul_peak, step_stats)
 
 W1 = dict(family="llama", vocab_size=32000, d_model=512, n_layers=8,
           n_heads=8, n_kv_heads=2, head_dim=64, mlp_dim=1536,
@@ -153,11 +153,9 @@ def _run_contender(name, a):
   """One contender in its own subprocess -> its result dict, or None."""
   flags = [f"--{k}={getattr(a, k)}" for k in (
       "steps", "batch", "seq", "method", "loss_impl", "scan_layers", "remat")]
-  env = os.environ
-  if a.hugepages == "true":  # all contenders alike
-    env = host.hugepage_env(env) or env
   out = subprocess.run([sys.executable, __file__, f"--only={name}", *flags],
-                       capture_output=True, text=True, check=False, env=env)
+                       capture_output=True, text=True, check=False,
+                       env=child_env(a.hugepages == "true"))
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
     print(f"{name}: failed\n{out.stderr[-2000:]}")
@@ -181,9 +179,7 @@ def main():
                  "CPU 832-872 tokens/s at 3.8 GB vs 778-801 at 3.0 GB")
   p.add_argument("--remat", default="none",
                  help="tunejax model.remat: none | full | save_dots")
-  p.add_argument("--hugepages", default="true", choices=["true", "false"],
-                 help="every contender's process starts with glibc's "
-                 "huge-page malloc tunable, as tunejax.main does")
+  add_hugepages_flag(p)
   p.add_argument("--loss_impl", default="auto",
                  help="token_stats impl for tunejax: auto | xla | naive")
   a = p.parse_args()
