@@ -95,8 +95,8 @@ def _thp_off() -> bool:
                     reason="needs Linux with transparent huge pages")
 def test_hugepages_cut_the_page_faults_of_xla_temp_blocks():
   """XLA's 128 MiB temp block is mapped afresh every call: 32768 faults of
-  4 KiB pages by default, a few hundred with the tunable (2 MiB pages; a
-  glibc without it ignores the tunable, and the test then fails)."""
+  4 KiB pages by default, under 3k with the tunable (2 MiB pages; a glibc
+  without it ignores the tunable, and the test then fails)."""
   def faults(env):
     env = dict(env, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", _FAULTS], env=env,
@@ -105,27 +105,32 @@ def test_hugepages_cut_the_page_faults_of_xla_temp_blocks():
     return [int(n) for n in out[2:]]  # after the first calls
   plain = dict(os.environ)
   plain.pop("GLIBC_TUNABLES", None)
-  assert min(faults(plain)) > 30_000
-  assert max(faults(host.hugepage_env(plain))) < 3_000
+  small = faults(plain)
+  assert min(small) > 30_000
+  # Measured 600-2500 per call; a loose bound, as a fragmented host may hand
+  # out some 4 KiB pages where 2 MiB ones were asked for.
+  assert sum(faults(host.hugepage_env(plain))) < sum(small) / 4
 
 
 def test_reexec_restarts_once_with_the_tunable(tmp_path):
   """What `python -m tunejax.main` does first: on Linux the module runs
-  again, once, with the tunable set and the same arguments."""
+  again, once, with the tunable set, the same arguments and the same
+  interpreter options."""
   probe = tmp_path / "probe.py"
   probe.write_text(
       "import os, sys\n"
       "from tunejax import host\n"
       "print('run', os.environ.get('GLIBC_TUNABLES'))\n"
       "host.reexec_with_hugepages('probe')\n"
-      "print('after', sys.argv[1:])\n")
+      "print('after', sys.argv[1:], sys.flags.utf8_mode)\n")
   env = dict(os.environ, PYTHONPATH=f"{tmp_path}:{ROOT}")
   env.pop("GLIBC_TUNABLES", None)
-  out = subprocess.run([sys.executable, "-m", "probe", "arg"], env=env,
+  out = subprocess.run([sys.executable, "-X", "utf8", "-m", "probe", "arg"],
+                       env=env,
                        capture_output=True, text=True, timeout=120,
                        check=True).stdout.splitlines()
   if sys.platform != "linux":
-    assert out == ["run None", "after ['arg']"]
+    assert out == ["run None", "after ['arg'] 1"]
   else:
     assert out == ["run None", f"run {host.HUGEPAGE_TUNABLE}",
-                   "after ['arg']"]
+                   "after ['arg'] 1"]  # -X utf8 carried over

@@ -10,6 +10,7 @@ on Gemma 3 270M from its GGUF file peaked at 3.14 GB with them and at
 """
 import ctypes
 import os
+import subprocess
 import sys
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -46,8 +47,11 @@ def reexec_with_hugepages(module: str) -> None:
   env = hugepage_env(os.environ) if sys.platform == "linux" else None
   if env is not None:
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]],
-              env)
+    sys.stderr.flush()
+    # The interpreter's own options (-O, -X ..., -W ...) carry over.
+    flags = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    os.execve(sys.executable,
+              [sys.executable, *flags, "-m", module, *sys.argv[1:]], env)
 
 
 def release_freed_memory() -> bool:
