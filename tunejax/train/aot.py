@@ -30,9 +30,8 @@ import jax
 import numpy as np
 
 from tunejax import data, errors
-from tunejax.train import setup
+from tunejax.train import loop, setup
 from tunejax.train.config import Config
-
 
 
 def _size(n: int) -> str:
@@ -65,9 +64,7 @@ def _memory_limit() -> int | None:
 def _first_batch(cfg: Config, run, tokenizer):
   """One global batch of the configured data (shapes and dtypes as in
   training)."""
-  it = data.make_iterator(cfg.data, tokenizer, seed=cfg.seed,
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count())
+  it = loop.data_iterator(cfg.data, tokenizer, cfg.seed)
   return data.to_global(next(it), run.mesh, run.batch_sharding)
 
 

@@ -45,7 +45,8 @@ def _host_metrics(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _data_iterator(data_cfg, tokenizer, seed):
+def data_iterator(data_cfg, tokenizer, seed):
+  """This process's share of the configured data, as training reads it."""
   return data.make_iterator(data_cfg, tokenizer, seed=seed,
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -144,7 +145,7 @@ def train(cfg: Config, workdir: str, model_cfg, params, tokenizer,
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
                       keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
-  it = _data_iterator(cfg.data, tokenizer, cfg.seed)
+  it = data_iterator(cfg.data, tokenizer, cfg.seed)
   if annotate is not None:  # adds host-side arrays to batches (task=dpo)
     it = annotate(it)
   start = 0
