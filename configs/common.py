@@ -4,7 +4,7 @@ import ml_collections
 
 def base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "sft"
+  c.task = "sft"  # sft | dpo | reward | eval | export | generate | compile
   c.seed = 0
   c.total_steps = 100
   c.micro_batches = 1
