@@ -9,6 +9,9 @@
 #
 # Every worker runs the same command; `--distributed` makes each call
 # jax.distributed.initialize(), which discovers the slice's coordinator.
+# Check that a config fits before a long run: the same `run` with
+# `--config.task=compile` compiles the step on the slice and prints the
+# per-chip peak against the chip's memory (WORKDIR/compile.json).
 set -euo pipefail
 cmd=${1:?command}; name=${2:?tpu name}; zone=${3:?zone}; shift 3 || true
 remote_dir='~/tunejax'
