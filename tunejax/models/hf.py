@@ -129,18 +129,25 @@ def load_hf(path: str, dtype: str | None = None, *,
   return cfg, tree_lib.unflatten(params)
 
 
+_NOT_A_CHECKPOINT = ("{}: not a checkpoint directory, .gguf file or known "
+                     "alias ('gemma3-270m')")
+
+
+def _is_gguf(path) -> bool:
+  return path == "gemma3-270m" or str(path).endswith(".gguf")
+
+
 def load_config(path: str, dtype: str | None = None) -> ModelConfig:
   """The ModelConfig of an HF directory, `.gguf` file or alias, reading no
   tensors (compile-only checks of models too large for this machine)."""
-  if path == "gemma3-270m" or str(path).endswith(".gguf"):
+  if _is_gguf(path):
     from tunejax.models import gguf  # pylint: disable=import-outside-toplevel
     cfg = gguf.config_from_gguf(gguf.read_gguf(gguf.resolve_path(path)))
     return cfg if dtype is None else cfg.replace(param_dtype=dtype,
                                                  dtype=dtype)
+  if not os.path.isdir(path):
+    raise errors.ModelError(_NOT_A_CHECKPOINT.format(path))
   cfg_path = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise errors.ModelError(f"{path}: not a checkpoint directory, .gguf file "
-                            "or known alias ('gemma3-270m')")
   return hf_config.config_from_hf(_read_json(cfg_path), cfg_path, dtype)
 
 
@@ -152,14 +159,13 @@ def load(path: str, dtype: str | None = None, *,
   the checkpoint's). `shardings`, a tree like the params of `Sharding`s,
   places each tensor directly on its shards.
   """
-  if path == "gemma3-270m" or str(path).endswith(".gguf"):
+  if _is_gguf(path):
     from tunejax.models import gguf  # pylint: disable=import-outside-toplevel
     cfg, params = gguf.load_gguf(path, dtype)
     if shardings is not None:
       params = jax.device_put(params, shardings)
   elif not os.path.isdir(path):
-    raise errors.ModelError(f"{path}: not a checkpoint directory, .gguf file "
-                            "or known alias ('gemma3-270m')")
+    raise errors.ModelError(_NOT_A_CHECKPOINT.format(path))
   else:
     cfg, params = load_hf(path, dtype, shardings=shardings)
   # The loader's freed temporaries would otherwise stay resident.
