@@ -37,13 +37,12 @@ def step_stats(step, steps: int, tokens_per_step: int) -> dict:
           "compile_s": compile_s}
 
 
-def matmul_peak() -> dict:
-  """The f32 matmul rate of this machine in JAX (a 2048^3 product, ten
-  runs back to back), as {"tflops": ...}: the peak that model FLOP/s are
+def matmul_peak(n: int = 2048) -> dict:
+  """The f32 matmul rate of this machine in JAX (an n^3 product, ten runs
+  back to back), as {"tflops": ...}: the peak that model FLOP/s are
   measured against."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  n = 2048
   x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(x).block_until_ready()
@@ -64,8 +63,9 @@ def best_round(old: dict | None, new: dict) -> dict:
     return {**new, **{k: min(old[k], new[k]) for k in ("jax_s", "torch_s")}}
   speed = "tflops" if "tokens_per_sec" not in new else "tokens_per_sec"
   best = dict(max(old, new, key=lambda r: r[speed]))
-  if "rss_mb" in best:
-    best["rss_mb"] = max(old["rss_mb"], new["rss_mb"])
+  for mem in ("rss_mb", "mem_mb"):
+    if mem in best:
+      best[mem] = max(old[mem], new[mem])
   return best
 
 

@@ -1,4 +1,5 @@
-"""W1 train-step benchmark: tunejax vs transformers+peft (torch) on one CPU.
+"""W1 train-step benchmark: tunejax vs transformers+peft (torch) on one CPU
+or GPU.
 
 Workload W1: Llama architecture, vocab 32000, d=512, 8 layers, 8 heads / 2
 KV heads, head_dim 64, MLP 1536, seq 512, batch 8, LoRA r=16 alpha=32 on
@@ -7,7 +8,10 @@ q,k,v,o,gate,up,down (or full FT with --method=none), AdamW, float32.
 Each contender runs in its own subprocess (so peak RSS is its own) and the
 f32 matmul peak is measured in the same run; `--rounds` repeats them all,
 interleaved, and keeps each one's fastest round. Prints tokens/s, model
-TFLOP/s, % of the matmul peak, peak RSS, and the ratios.
+TFLOP/s, % of the matmul peak, peak memory (host RSS on a CPU, allocated
+device bytes on a GPU), and the ratios. On a GPU `--precision` sets both
+libraries' float32 products alike: 'float32' (full) or 'tf32'
+(TensorFloat-32 inputs, as JAX's default there and torch's 'high').
 
   python bench/train_step.py [--steps=5] [--rounds=2] [--method=lora|none]
 """
@@ -28,8 +32,39 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
            "down_proj")
 
 
-def _rss_mb():
+def _on_gpu() -> bool:
+  import jax
+  return jax.default_backend() == "gpu"
+
+
+def _mem_mb(torch_device=None) -> float:
+  """Peak memory of this process: allocated GPU bytes, else host RSS."""
+  if torch_device == "cuda":
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**20
+  if torch_device is None and _on_gpu():
+    import jax
+    return jax.local_devices()[0].memory_stats()["peak_bytes_in_use"] / 2**20
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _set_precision(a):
+  """Both libraries' float32 products at `a.precision` (see the docstring);
+  'default' leaves each library's own default."""
+  if a.precision == "default":
+    return
+  import jax
+  import torch
+  jax.config.update("jax_default_matmul_precision",
+                    "tensorfloat32" if a.precision == "tf32" else "float32")
+  torch.set_float32_matmul_precision(
+      "high" if a.precision == "tf32" else "highest")
+
+
+def _peak(a):
+  _set_precision(a)
+  gpu = _on_gpu()
+  return {**matmul_peak(8192 if gpu else 2048), "gpu": gpu}
 
 
 def run_tunejax(a):
@@ -37,6 +72,7 @@ def run_tunejax(a):
   import numpy as np
   from tunejax import config as config_lib, data
   from tunejax.train import config as tcfg, setup
+  _set_precision(a)
   cfg = config_lib.build(tcfg.Config, dict(
       total_steps=1000, model=dict(name="tiny", overrides=W1,
                                    scan_layers=a.scan_layers == "true",
@@ -70,7 +106,7 @@ def run_tunejax(a):
   # matmuls are not done: 4N (forward 2N + activation grads 2N).
   flops = model_cfg.flops_per_token(l, weight_grads=a.method != "lora")
   return {**out, "tflops": flops * out["tokens_per_sec"] / 1e12,
-          "rss_mb": _rss_mb()}
+          "mem_mb": _mem_mb()}
 
 
 def run_torch(a, compiled: bool):
@@ -78,19 +114,21 @@ def run_torch(a, compiled: bool):
   import transformers
   torch.manual_seed(0)
   torch.set_num_threads(max(1, torch.get_num_threads()))
+  _set_precision(a)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
   hf = transformers.LlamaConfig(
       vocab_size=32000, hidden_size=512, intermediate_size=1536,
       num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
       head_dim=64, rope_theta=500000.0, tie_word_embeddings=False,
       max_position_embeddings=4096)
-  model = transformers.LlamaForCausalLM(hf)
+  model = transformers.LlamaForCausalLM(hf).to(dev)
   if a.method == "lora":
     import peft
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(TARGETS)))
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-4)
-  ids = torch.randint(0, 32000, (a.batch, a.seq))
+  ids = torch.randint(0, 32000, (a.batch, a.seq), device=dev)
   fwd = torch.compile(model) if compiled else model
 
   def step():
@@ -98,9 +136,10 @@ def run_torch(a, compiled: bool):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return loss.item()  # waits for the step (as block_until_ready)
 
-  return {**step_stats(step, a.steps, a.batch * a.seq), "rss_mb": _rss_mb()}
+  return {**step_stats(step, a.steps, a.batch * a.seq),
+          "mem_mb": _mem_mb(dev)}
 
 
 def _products(a):
@@ -129,6 +168,9 @@ def run_products(a):
   import jax.numpy as jnp
   import numpy as np
   import torch
+  _set_precision(a)
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  sync = torch.cuda.synchronize if dev == "cuda" else lambda: None
   shapes = _products(a)
   rng = np.random.default_rng(0)
   mats = [(rng.standard_normal((m, k), np.float32),
@@ -137,13 +179,15 @@ def run_products(a):
   run = jax.jit(lambda ps: [x @ w for x, w in ps])
   secs_jax = best_of(lambda: jax.block_until_ready(run(j)), a.steps,
                      warmup=True)
-  t = [(torch.from_numpy(x), torch.from_numpy(w)) for x, w in mats]
-  secs_torch = best_of(lambda: [x @ w for x, w in t], a.steps, warmup=True)
+  t = [(torch.from_numpy(x).to(dev), torch.from_numpy(w).to(dev))
+       for x, w in mats]
+  secs_torch = best_of(lambda: ([x @ w for x, w in t], sync()), a.steps,
+                       warmup=True)
   flops = sum(2 * m * k * n for m, k, n in shapes)
   return {"jax_s": secs_jax, "torch_s": secs_torch, "flops": flops}
 
 
-CONTENDERS = {"peak": lambda a: matmul_peak(), "products": run_products,
+CONTENDERS = {"peak": _peak, "products": run_products,
               "tunejax": run_tunejax,
               "torch_eager": lambda a: run_torch(a, False),
               "torch_compile": lambda a: run_torch(a, True)}
@@ -152,7 +196,8 @@ CONTENDERS = {"peak": lambda a: matmul_peak(), "products": run_products,
 def _run_contender(name, a):
   """One contender in its own subprocess -> its result dict, or None."""
   flags = [f"--{k}={getattr(a, k)}" for k in (
-      "steps", "batch", "seq", "method", "loss_impl", "scan_layers", "remat")]
+      "steps", "batch", "seq", "method", "loss_impl", "scan_layers", "remat",
+      "precision")]
   out = subprocess.run([sys.executable, __file__, f"--only={name}", *flags],
                        capture_output=True, text=True, check=False,
                        env=child_env(a.hugepages == "true"))
@@ -180,6 +225,9 @@ def main():
   p.add_argument("--remat", default="none",
                  help="tunejax model.remat: none | full | save_dots")
   add_hugepages_flag(p)
+  p.add_argument("--precision", default="default",
+                 choices=["default", "float32", "tf32"],
+                 help="float32 products on a GPU (see the docstring)")
   p.add_argument("--loss_impl", default="auto",
                  help="token_stats impl for tunejax: auto | xla | naive")
   a = p.parse_args()
@@ -188,17 +236,18 @@ def main():
     return
   res = {}
   # Rounds interleave the contenders, so a slow spell of the shared machine
-  # hits all of them; each keeps its fastest round (RSS: its largest).
+  # hits all of them; each keeps its fastest round (memory: its largest).
   for _ in range(a.rounds):
     for name in CONTENDERS:
       r = _run_contender(name, a)
       if r is not None:
         res[name] = best_round(res.get(name), r)
   peak = res.get("peak", {}).get("tflops")
+  mem = "GPU MB" if res.get("peak", {}).get("gpu") else "RSS MB"
   print(f"\nW1 ({a.method}, batch {a.batch} x seq {a.seq}); f32 matmul peak "
         f"{peak and peak * 1e3:.1f} GFLOP/s")
   print(f"{'':15}{'tokens/s':>10}{'step s':>9}{'compile s':>10}"
-        f"{'GFLOP/s':>9}{'% peak':>8}{'RSS MB':>8}")
+        f"{'GFLOP/s':>9}{'% peak':>8}{mem:>8}")
   for name in ("tunejax", "torch_eager", "torch_compile"):
     r = res.get(name)
     if r:
@@ -207,12 +256,12 @@ def main():
                      "tokens_per_sec", 1), 1e-9)) * 1e3
       pct = 100 * gf / (peak * 1e3) if peak else float("nan")
       print(f"{name:15}{r['tokens_per_sec']:10.0f}{r['step_s']:9.2f}"
-            f"{r['compile_s']:10.1f}{gf:9.1f}{pct:8.1f}{r['rss_mb']:8.0f}")
+            f"{r['compile_s']:10.1f}{gf:9.1f}{pct:8.1f}{r['mem_mb']:8.0f}")
   tj = res.get("tunejax")
   for name in ("torch_eager", "torch_compile"):
     if tj and name in res:
       print(f"tunejax / {name}: {tj['tokens_per_sec'] / res[name]['tokens_per_sec']:.2f}x "
-            f"tokens/s, RSS {tj['rss_mb'] / res[name]['rss_mb']:.2f}x")
+            f"tokens/s, {mem.split()[0]} {tj['mem_mb'] / res[name]['mem_mb']:.2f}x")
   pr = res.get("products")
   if pr:
     tokens = a.batch * a.seq
