@@ -246,7 +246,7 @@ def main():
   mem = "GPU MB" if res.get("peak", {}).get("gpu") else "RSS MB"
   print(f"\nW1 ({a.method}, batch {a.batch} x seq {a.seq}); f32 matmul peak "
         f"{peak and peak * 1e3:.1f} GFLOP/s")
-  print(f"{'':15}{'tokens/s':>10}{'step s':>9}{'compile s':>10}"
+  print(f"{'':15}{'tokens/s':>10}{'step ms':>9}{'compile s':>10}"
         f"{'GFLOP/s':>9}{'% peak':>8}{mem:>8}")
   for name in ("tunejax", "torch_eager", "torch_compile"):
     r = res.get(name)
@@ -255,7 +255,7 @@ def main():
                  r["tokens_per_sec"] / max(res.get("tunejax", {}).get(
                      "tokens_per_sec", 1), 1e-9)) * 1e3
       pct = 100 * gf / (peak * 1e3) if peak else float("nan")
-      print(f"{name:15}{r['tokens_per_sec']:10.0f}{r['step_s']:9.2f}"
+      print(f"{name:15}{r['tokens_per_sec']:10.0f}{r['step_s'] * 1e3:9.1f}"
             f"{r['compile_s']:10.1f}{gf:9.1f}{pct:8.1f}{r['mem_mb']:8.0f}")
   tj = res.get("tunejax")
   for name in ("torch_eager", "torch_compile"):
@@ -266,9 +266,9 @@ def main():
   if pr:
     tokens = a.batch * a.seq
     print(f"the step's weight products alone ({pr['flops'] / 1e12:.2f} "
-          f"TFLOP, no attention/norms/optimizer): JAX {pr['jax_s']:.2f} s "
+          f"TFLOP, no attention/norms/optimizer): JAX {pr['jax_s'] * 1e3:.1f} ms "
           f"({pr['flops'] / pr['jax_s'] / 1e9:.0f} GFLOP/s, <= "
-          f"{tokens / pr['jax_s']:.0f} tokens/s), torch {pr['torch_s']:.2f} s "
+          f"{tokens / pr['jax_s']:.0f} tokens/s), torch {pr['torch_s'] * 1e3:.1f} ms "
           f"({pr['flops'] / pr['torch_s'] / 1e9:.0f} GFLOP/s, <= "
           f"{tokens / pr['torch_s']:.0f} tokens/s)")
 

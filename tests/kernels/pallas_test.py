@@ -1,4 +1,5 @@
 """Pallas TPU/GPU bodies: interpret-mode numerics and accelerator lowering."""
+import importlib
 import re
 
 import jax
@@ -91,6 +92,27 @@ def test_auto_on_gpu_takes_the_chunked_path_when_triton_cannot(monkeypatch):
   np.testing.assert_allclose(got.logp, want.logp, rtol=1e-5, atol=1e-5)
   with pytest.raises(errors.ConfigError, match="D divisible by 16, got D=8"):
     kernels.token_stats(h, w, y, impl="pallas_gpu", interpret=True)
+
+
+def test_auto_on_gpu_keeps_exact_float32_products_off_triton(monkeypatch):
+  """Under the "float32" default matmul precision Triton runs float32 dots
+  without tensor cores (W1 on an H100: 89 ms vs a few ms in cuBLAS): 'auto'
+  then takes the chunked path for float32 inputs, and still Triton for
+  bf16 inputs or at the default precision."""
+  ts = importlib.import_module("tunejax.kernels.token_stats")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert ts._auto_gpu_impl(64, jnp.float32) == "pallas_gpu"
+  rng = np.random.default_rng(3)
+  h = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 50, 6))
+  for precision in ("float32", "highest"):
+    with jax.default_matmul_precision(precision):
+      assert ts._auto_gpu_impl(64, jnp.float32) == "xla"
+      assert ts._auto_gpu_impl(64, jnp.bfloat16) == "pallas_gpu"
+      got = kernels.token_stats(h, w, y)  # would fail inside a Triton body
+  want = kernels.token_stats(h, w, y, impl="naive")
+  np.testing.assert_allclose(got.logp, want.logp, rtol=1e-5, atol=1e-5)
 
 
 def _lowered_grad(platform, shape, loss_of_stats, argnums=(0, 1), **opts):

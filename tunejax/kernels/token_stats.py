@@ -58,6 +58,19 @@ class Config(NamedTuple):
 BLOCKS = {"pallas_tpu": (256, 512), "pallas_gpu": (256, 128)}
 # Triton dots walk D in power-of-2 chunks of at least 16 that divide it.
 _TRITON_D_MULTIPLE = 16
+# Default matmul precisions that make float32 products exact float32. Triton
+# runs such a dot as FMA loops without tensor cores: on an H100 the W1
+# forward took 89 ms of a 115 ms step, where cuBLAS's SGEMM tiles (the
+# chunked path) take a few ms.
+_IEEE_F32 = ("float32", "highest")
+
+
+def _auto_gpu_impl(d: int, dtype) -> str:
+  """'auto' on a GPU: the Triton body, unless it cannot tile D or the
+  inputs are float32 at the highest matmul precision (see `_IEEE_F32`)."""
+  ieee = (jnp.dtype(dtype) == jnp.float32 and
+          jax.config.jax_default_matmul_precision in _IEEE_F32)
+  return "xla" if d % _TRITON_D_MULTIPLE or ieee else "pallas_gpu"
 
 
 def resolve_impl(impl: str) -> str:
@@ -107,9 +120,10 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
     label_smoothing: when > 0, also return `smooth` = mean log-prob over
       the vocabulary (the caller weights it by the smoothing epsilon).
     impl: 'auto' (Pallas on TPU/GPU, XLA on CPU and on a GPU when D is not
-      a multiple of 16), 'xla' (chunked, any backend), 'pallas' (the
-      backend's Pallas body), 'pallas_tpu', 'pallas_gpu', or 'naive'
-      (materialises logits; reference/baseline).
+      a multiple of 16 or the inputs are float32 under the "float32" /
+      "highest" default matmul precision), 'xla' (chunked, any backend),
+      'pallas' (the backend's Pallas body), 'pallas_tpu', 'pallas_gpu', or
+      'naive' (materialises logits; reference/baseline).
     block_v, block_n: tile sizes (defaults per implementation: `BLOCKS`,
       and `_xla.default_blocks()` for the chunked path).
     interpret: run Pallas bodies in interpret mode (default: on CPU).
@@ -118,10 +132,9 @@ def token_stats(h_NxD, w, targets_N, *, softcap=None, temperature=1.0,
   Returns:
     TokenStats of float32 `[N]` arrays, differentiable w.r.t. h and w.
   """
-  if (impl == "auto" and resolve_impl(impl) == "pallas_gpu"
-      and h_NxD.shape[1] % _TRITON_D_MULTIPLE):
-    impl = "xla"  # the chunked path takes any D
   h_NxD, w = _tiles.common_dtype(h_NxD, w)
+  if impl == "auto" and resolve_impl(impl) == "pallas_gpu":
+    impl = _auto_gpu_impl(h_NxD.shape[1], w.dtype)
   cfg = make_config(impl, softcap=softcap, temperature=temperature,
                     want_entropy=want_entropy,
                     want_smooth=label_smoothing > 0, block_n=block_n,
