@@ -8,6 +8,7 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 100
   c.micro_batches = 1
+  c.compile_cache = ""  # a directory: compiled steps reused across runs
   c.model = dict(name="tiny", tokenizer="", dtype="float32",
                  param_dtype="float32", remat="none", scan_layers=True,
                  overrides={})

@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.data.seq_len = 2048
   c.data.batch_size = 64
   c.micro_batches = 4
+  c.compile_cache = "~/.cache/tunejax/xla"  # on each worker
   c.peft = dict(method="lora", rank=16, alpha=32.0)
   c.optim = dict(name="adamw", lr=3e-4, warmup_steps=50)
   # FSDP over every chip (each chip runs batch / chips rows); Gemma's 262k

@@ -32,6 +32,7 @@ def get_config(arg=None):
   c.data.seq_len = 4096
   c.data.batch_size = 256
   c.micro_batches = 8  # one 4096-token row per chip per micro-batch
+  c.compile_cache = "~/.cache/tunejax/xla"  # on each worker
   if a.full:
     c.peft = dict(method="none")
     c.optim = dict(name="adamw", lr=1e-5, warmup_steps=100, weight_decay=0.1)

@@ -27,6 +27,7 @@ def get_config(arg=None):
   c.data.seq_len = 4096
   c.data.batch_size = 128
   c.micro_batches = 4
+  c.compile_cache = "~/.cache/tunejax/xla"  # on each worker
   c.peft = dict(method="none")
   c.optim = dict(name="adamw", lr=1e-5, warmup_steps=100, weight_decay=0.1,
                  schedule="cosine", min_lr_ratio=0.1)

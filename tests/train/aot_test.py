@@ -94,6 +94,7 @@ def test_tpu_recipe_fits_a_16_gib_chip(recipe, tmp_path):
   CPU, which runs bf16 products through float32: an over-estimate)."""
   c = configs_test.load(os.path.join(ROOT, "configs", recipe))
   c.task = "compile"
+  c.compile_cache = ""  # not the recipe's ~/.cache
   c.data.source, c.data.format = "synthetic", "prompt_completion"
   c.model.tokenizer = "byte"
   r = train.run(tcfg.from_configdict(c), str(tmp_path))

@@ -114,3 +114,45 @@ def test_nan_loss_is_one_clear_error(tmp_path):
                     eval={"every": -1})
   with pytest.raises(errors.NonFiniteLossError, match=r"step \d: loss is"):
     train.run(cfg, str(tmp_path))
+
+
+def test_compile_cache_serves_a_later_run(tmp_path, monkeypatch):
+  """config.compile_cache: a run stores its compiled programs there; a
+  later run (in-memory caches dropped, as in a new process) loads every
+  one of them instead of compiling."""
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  from tunejax.train import setup  # pylint: disable=g-import-not-at-top
+  asked, hit = "/jax/compilation_cache/compile_requests_use_cache", (
+      "/jax/compilation_cache/cache_hits")
+  events = []
+  listen = lambda name, **_: events.append(name)
+  jax.monitoring.register_event_listener(listen)
+  monkeypatch.setattr(setup, "_RUNS", {})
+  min_secs = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  cache = tmp_path / "xla"
+  cfg = tiny_config(total_steps=2, compile_cache=str(cache))
+  jax.clear_caches()  # earlier tests' programs: compiled here, not loaded
+  try:
+    train.run(cfg, str(tmp_path / "a"))
+    assert events.count(asked) > 0 and events.count(hit) == 0
+    stored = sorted(os.listdir(cache))
+    assert stored
+    jax.clear_caches()
+    setup._RUNS.clear()  # pylint: disable=protected-access
+    events.clear()
+    train.run(cfg, str(tmp_path / "b"))
+    assert events.count(hit) == events.count(asked) > 0
+    assert sorted(os.listdir(cache)) == stored
+  finally:
+    jax.monitoring.unregister_event_listener(listen)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_secs)
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
+def test_unusable_compile_cache_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(errors.ConfigError, match="config.compile_cache"):
+    train.run(tiny_config(compile_cache=str(tmp_path / "file" / "xla")),
+              str(tmp_path / "wd"))

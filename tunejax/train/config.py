@@ -113,6 +113,10 @@ class Config:
   seed: int = 0
   total_steps: int = 100
   micro_batches: int = 1
+  # JAX's persistent compilation cache ('' = JAX's own setting, e.g.
+  # JAX_COMPILATION_CACHE_DIR): later runs with the same shapes load their
+  # compiled steps (restarts after preemption, sweeps, eval/export).
+  compile_cache: str = ""
   model: ModelSection = ModelSection()
   data: DataConfig = DataConfig()
   peft: PeftConfig = PeftConfig()

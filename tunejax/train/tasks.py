@@ -8,6 +8,7 @@ import os
 
 import jax
 from absl import logging
+from jax.experimental.compilation_cache import compilation_cache
 
 from tunejax import errors, models
 from tunejax.checkpoint import Checkpointer, abstract
@@ -35,6 +36,29 @@ def _prepare_workdir(workdir: str, cfg: Config):
     with open(tmp, "w") as f:
       json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
     os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def use_compile_cache(path: str) -> None:
+  """Points JAX's persistent compilation cache at `path` ('' = no change).
+
+  A compiled step is stored under a key of its program, shapes and
+  backend, and later processes load it instead of compiling: a restart
+  after preemption, a sweep's next run. On a GPU that also skips XLA's
+  autotuning (the float32 W1 step compiled in 176 s on an H100, 32 s of
+  it without autotuning). JAX checks the cache setting at its first
+  compilation, so the cache is reset for an in-process change to count.
+  """
+  if not path:
+    return
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise errors.ConfigError(
+        f"config.compile_cache: cannot create {path} ({e.strerror})") from None
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()
 
 
 def _restored_state(cfg, workdir, model_cfg, params):
@@ -149,6 +173,7 @@ def _lofit_phase1(cfg, workdir, model_cfg, params, tokenizer):
 def run(cfg: Config, workdir: str) -> dict:
   """Runs `cfg.task` in `workdir`; returns a dict of results."""
   _prepare_workdir(workdir, cfg)
+  use_compile_cache(cfg.compile_cache)
   tokenizer = setup.load_tokenizer(cfg.model)
   # Soft-prompt init from text: tokenized once, with the run's tokenizer.
   cfg = dataclasses.replace(cfg, peft=prompt.text_ids(cfg.peft, tokenizer))
