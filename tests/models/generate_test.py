@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tunejax import errors, models
+from tunejax.models import layers
 
 CFG = models.preset("tiny-gemma3")  # Sliding window 8, local + global.
 PROMPTS = [[5, 9, 11], list(range(20, 32)), [7, 7, 7, 7, 7, 7]]
@@ -104,6 +105,27 @@ def test_unscanned_remat_config_generates_the_same(params, greedy):
   out = models.generate(cfg, params, PROMPTS, 16, eos_id=-1)
   np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
   np.testing.assert_allclose(out.logps_BxT, greedy.logps_BxT, atol=1e-5)
+
+
+def test_local_layers_read_only_their_window(params, monkeypatch):
+  """Decode attends a local layer over its last `window` cache slots only
+  (8 of 32 here), with the tokens and log-probs of reading every slot."""
+  cut = []
+  real = layers.cache_window
+
+  def spy(k, v, mask, slot, l, window):
+    out = real(k, v, mask, slot, l, window)
+    cut.append((window, k.shape[2], out[0].shape[2], out[2].shape[2]))
+    return out
+
+  monkeypatch.setattr(layers, "cache_window", spy)
+  windowed = models.generate(CFG, params, PROMPTS, 15, eos_id=-1)
+  assert (8, 31, 8, 8) in cut and (None, 31, 31, 31) in cut
+  monkeypatch.setattr(layers, "cache_window", lambda k, v, m, *_: (k, v, m))
+  whole = models.generate(CFG, params, PROMPTS, 14, eos_id=-1)
+  np.testing.assert_array_equal(windowed.tokens_BxT[:, :14], whole.tokens_BxT)
+  np.testing.assert_allclose(windowed.logps_BxT[:, :14], whole.logps_BxT,
+                             atol=1e-6)
 
 
 def test_num_samples_groups_share_one_prefill(params, greedy):

@@ -86,6 +86,28 @@ def attention_mask(q_idx_L: jax.Array, k_idx_S: jax.Array,
   return mask
 
 
+def cache_window(k_BxGxSxK, v_BxGxSxK, mask_BxLxS, slot, l: int,
+                 window: int | None):
+  """(k, v, mask) cut to the cache slots a local layer's queries can see.
+
+  Queries at slots [slot, slot + l) see at most the `window` keys up to
+  each one, i.e. slots [slot + l - n, slot + l) with n = window + l - 1,
+  whenever a row's positions grow by at least one per slot (left padding
+  is masked by segment; virtual tokens before padded text break it, so
+  `decode` reads whole buffers then). Reading n slots is exact (the rest
+  is masked) and cuts a long decode's KV reads: Gemma 3 has 5 local
+  layers in 6, window 512; bench/local_decode.py: a step at slot 2048
+  took 7.5-8.2 ms instead of 42 ms on a 2-core CPU.
+  """
+  s = k_BxGxSxK.shape[2]
+  n = s if window is None else window + l - 1
+  if n >= s:
+    return k_BxGxSxK, v_BxGxSxK, mask_BxLxS
+  start = jnp.clip(slot + l - n, 0, s - n)
+  cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, n, axis=2)
+  return cut(k_BxGxSxK), cut(v_BxGxSxK), cut(mask_BxLxS)
+
+
 def attention(cfg: ModelConfig, q_BxLxHxK: jax.Array, blocks,
               probe_BxS: jax.Array | None = None, causal: bool = False):
   """Grouped-query attention over key/value blocks -> [B, L, H, K].

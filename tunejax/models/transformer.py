@@ -56,13 +56,14 @@ def _pick(pair, is_local):
 
 def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
            lp: dict, la: dict, is_local: jax.Array, cache_kv, prefix_kv=None,
-           *, return_kv: bool):
+           *, return_kv: bool, window: int | None = None):
   """One pre-norm decoder block.
 
   `cache_kv` is None or this layer's (k, v, slot) with k, v its cache
   buffers [B, G, S, K]: this call's keys/values are first written at `slot`
-  and the layer attends over the updated buffers alone (`ctx.cache_masks`),
-  returning them as its new kv. Writing before reading lets XLA update the
+  and the layer attends over the updated buffers alone (`ctx.cache_masks`;
+  over their last `window` slots only, when given), returning them as its
+  new kv. Writing before reading lets XLA update the
   buffers in place (read-then-write made it copy every layer's cache each
   decode step).
   `prefix_kv` is None or this layer's (k, v) prefix [P, G·K] (shared keys).
@@ -115,7 +116,8 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
     k, v = (jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
                                          (0, 0, slot, 0))
             for buf, new in ((kbuf, k), (vbuf, v)))
-    blocks = [(k, v, _pick(ctx.cache_masks, is_local))]
+    blocks = [layers.cache_window(k, v, _pick(ctx.cache_masks, is_local),
+                                  slot, l, window)]
   if prefix_kv is not None:
     p_len, g, kd = prefix_kv[0].shape[0], cfg.n_kv_heads, cfg.head_dim
     pk, pv = (jnp.broadcast_to(  # [P, G·K] -> [B, G, P, K]
@@ -177,15 +179,22 @@ def _rope(cfg: ModelConfig, positions_BxL):
 
 
 def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
-           cache_kv, return_kv: bool, prefix_kv=None):
-  """Runs all layers (scan or Python loop).
+           cache_kv, return_kv: bool, prefix_kv=None, local_window=None):
+  """Runs all layers (scan or Python loop); with a cache, local layers read
+  only their last `local_window` slots (`layers.cache_window`).
 
   Returns (x, (new kv or None, aux)); aux leaves are stacked over layers.
   """
   is_local = jnp.asarray(np.array([t == "local" for t in cfg.layer_types]))
-  body = functools.partial(_layer, cfg, seam, ctx, return_kv=return_kv)
-  if cfg.remat != "none":
-    body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat])
+
+  def layer_fn(window=None):  # window: static, so bound before remat
+    f = functools.partial(_layer, cfg, seam, ctx, return_kv=return_kv,
+                          window=window)
+    if cfg.remat == "none":
+      return f
+    return jax.checkpoint(f, policy=_REMAT_POLICIES[cfg.remat])
+
+  body = layer_fn()
   lp_all, la_all = params["layers"], _sub(adapters, "layers")
   split = isinstance(lp_all, (list, tuple))  # see `split_layers`
   if split or not cfg.scan_layers:
@@ -195,7 +204,9 @@ def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
       lp = lp_all[i] if split else pick(lp_all)
       kv = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i],
                                            cache_kv[2])
-      x, out = body(x, lp, pick(la_all), is_local[i], kv, pick(prefix_kv))
+      fn = (layer_fn(local_window) if local_window
+            and cfg.layer_types[i] == "local" else body)
+      x, out = fn(x, lp, pick(la_all), is_local[i], kv, pick(prefix_kv))
       outs.append(out)
     aux = jax.tree.map(lambda *a: jnp.stack(a), *[o[1] for o in outs])
     kvs = [o[0] for o in outs]
@@ -297,8 +308,10 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
     attn_probe_BxL = jnp.pad(attn_probe_BxL, ((0, 0), (n_virtual, 0)))
   ctx = _Context(masks, cache_masks, *_rope(cfg, positions_BxL),
                  prefix_masks, attn_probe_BxL)
+  # Virtual tokens break slot distance = position distance (cache_window).
+  window = cfg.sliding_window if cache_kv is not None and not offset else None
   x, (new_kv, aux) = _stack(cfg, seam, ctx, x, params, adapters, cache_kv,
-                            cache is not None, prefix_kv)
+                            cache is not None, prefix_kv, window)
   h = layers.rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps,
                       cfg.norm_offset)
   if cache is not None:
