@@ -10,6 +10,7 @@ from slot 2048 of a 2560-slot cache on. The timed step is the layer stack
   python bench/local_decode.py [--batch 8 --slot 2048 --slots 2560]
 """
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -30,8 +31,13 @@ def run(a) -> float:
   b, s = a.batch, a.slots
   kv = lambda i: jax.random.normal(jax.random.key(i), (
       b, cfg.n_kv_heads, s, cfg.head_dim), jnp.float32)
-  cache = {"k": [kv(i) for i in range(cfg.n_layers)],
-           "v": [kv(100 + i) for i in range(cfg.n_layers)],
+  # The buffers as generate's loop carries them (updated in place); its
+  # layout for whole-buffer reads is the one for virtual tokens (offset 1).
+  layout = lambda bufs: importlib.import_module(
+      "tunejax.models.generate")._loop_layout(  # pylint: disable=protected-access
+          cfg, bufs, int(a.only == "whole"))
+  cache = {"k": layout([kv(i) for i in range(cfg.n_layers)]),
+           "v": layout([kv(100 + i) for i in range(cfg.n_layers)]),
            "pos": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
            "seg": jnp.ones((b, s), jnp.int32), "slot": jnp.int32(a.slot)}
   ones = jnp.ones((b, 1), jnp.int32)

@@ -95,12 +95,28 @@ def _sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float,
   return _argmax(logits + jax.random.gumbel(rng, logits.shape, logits.dtype))
 
 
+def _loop_layout(cfg: ModelConfig, bufs, offset: int) -> list:
+  """The layer cache buffers as the decode loop carries them, so that XLA
+  updates each in place (measured by counting buffer copies in the loop):
+  without size-1 B / G dims (see `layers.cache_write`), except a local
+  layer's that `layers.cache_window` cuts, which stays [B, G, S, K] (its
+  window read fused the update, cut from the squeezed form: 2 copies)."""
+  s = bufs[0].shape[2]
+  cut = not offset and cfg.sliding_window is not None and (
+      cfg.sliding_window < s)
+  squeeze = lambda x: x.reshape(*(d for d in x.shape[:2] if d > 1),
+                                *x.shape[2:])
+  return [x if cut and t == "local" else squeeze(x)
+          for x, t in zip(bufs, cfg.layer_types)]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
 def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
               top_k: int | None, top_p: float | None, eos_ids: tuple,
               num_samples: int, params, adapters, tokens_BxP, lengths_B, rng):
   b, p = tokens_BxP.shape
-  s = p + max_new + seam.position_offset(adapters)  # + virtual tokens
+  offset = seam.position_offset(adapters)
+  s = p + max_new + offset  # + virtual tokens
   dtype = jnp.dtype(cfg.dtype)
   pad_B = p - lengths_B
   idx_P = jnp.arange(p)
@@ -131,6 +147,8 @@ def _generate(cfg: ModelConfig, seam: Seam, max_new: int, temperature: float,
     rep = lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x
     logits, cache, lengths_B = jax.tree.map(rep, (logits, cache, lengths_B))
     b *= num_samples
+  cache = {**cache, "k": _loop_layout(cfg, cache["k"], offset),
+           "v": _loop_layout(cfg, cache["v"], offset)}
   eos = jnp.asarray(eos_ids, jnp.int32)
 
   def cond(state):

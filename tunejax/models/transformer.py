@@ -113,11 +113,12 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   blocks = [(k, v, _pick(ctx.masks, is_local))]
   if cache_kv is not None:
     kbuf, vbuf, slot = cache_kv
-    k, v = (jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype),
-                                         (0, 0, slot, 0))
+    k, v = (layers.cache_write(buf, new, slot)
             for buf, new in ((kbuf, k), (vbuf, v)))
-    blocks = [layers.cache_window(k, v, _pick(ctx.cache_masks, is_local),
-                                  slot, l, window)]
+    kw, vw, mw = layers.cache_window(k, v, _pick(ctx.cache_masks, is_local),
+                                     slot, l, window)
+    view = lambda x: x.reshape(b, cfg.n_kv_heads, x.shape[-2], -1)
+    blocks = [(view(kw), view(vw), mw)]
   if prefix_kv is not None:
     p_len, g, kd = prefix_kv[0].shape[0], cfg.n_kv_heads, cfg.head_dim
     pk, pv = (jnp.broadcast_to(  # [P, G·K] -> [B, G, P, K]
@@ -243,7 +244,8 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   """Final-normed hidden states, optionally through a KV cache.
 
   `cache` is None (attend within `tokens`) or a dict with 'k', 'v' (lists
-  of n_layers buffers [B, G, S, K]), 'pos', 'seg' [B, S] (key positions and
+  of n_layers buffers [B, G, S, K], or without their size-1 B / G dims:
+  see `layers.cache_write`), 'pos', 'seg' [B, S] (key positions and
   segment ids, 0 = empty) and 'slot' (scalar: slots before it are filled).
   The tokens' keys, values, positions and segments are written at `slot`,
   then the tokens attend to the filled slots (their own causally), and
