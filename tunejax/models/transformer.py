@@ -60,12 +60,12 @@ def _layer(cfg: ModelConfig, seam: Seam, ctx: _Context, x: jax.Array,
   """One pre-norm decoder block.
 
   `cache_kv` is None or this layer's (k, v, slot) with k, v its cache
-  buffers [B, G, S, K]: this call's keys/values are first written at `slot`
-  and the layer attends over the updated buffers alone (`ctx.cache_masks`;
-  over their last `window` slots only, when given), returning them as its
-  new kv. Writing before reading lets XLA update the
-  buffers in place (read-then-write made it copy every layer's cache each
-  decode step).
+  buffers ([B, G, S, K], maybe squeezed: `layers.cache_write`): this
+  call's keys/values are first written at `slot` and the layer attends over
+  the updated buffers alone (`ctx.cache_masks`; over their last `window`
+  slots only, when given), returning them as its new kv. Writing before
+  reading lets XLA update the buffers in place (read-then-write made it
+  copy every layer's cache each decode step).
   `prefix_kv` is None or this layer's (k, v) prefix [P, G·K] (shared keys).
   Returns (x, (this call's (k, v) [B, G, L, K] if `return_kv` else None,
   aux)), where aux is {'<module>/<key>': array} from seams that return
