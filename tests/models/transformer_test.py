@@ -4,6 +4,7 @@ References are independent computations: separate runs per document,
 weight-merged equivalents of seam adapters, float64 numpy formulas.
 """
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,23 @@ def test_scan_loop_and_remat_agree(nets):
     np.testing.assert_allclose(got[0], base[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(base[1])):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family,scan", [("llama", False), ("gemma3", True)])
+def test_rope_tables_computed_once_in_the_step(nets, family, scan):
+  """XLA:CPU fused the tables' sin/cos into every consumer, recomputing them
+  per head and per use (W1: 6% of the step). Compiled value-and-grad: every
+  sin/cos is table-shaped [B, L, K], one per table (Gemma 3: two)."""
+  cfg, params = nets[family]
+  cfg = cfg.replace(scan_layers=scan)
+  tokens = jnp.zeros((2, 16), jnp.int32)
+  loss = lambda p: jnp.mean(models.forward(cfg, p, tokens) ** 2)
+  hlo = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+  shapes = [m for op in ("cosine", "sine")
+            for m in re.findall(
+                rf"= (f32\[[\d,]*\])\S* {op}\(", hlo)]
+  n_tables = 2 if "local" in cfg.layer_types else 1
+  assert sorted(shapes) == [f"f32[2,16,{cfg.head_dim}]"] * (2 * n_tables)
 
 
 @dataclasses.dataclass(frozen=True)
