@@ -133,3 +133,22 @@ class Seam:
 
 
 DEFAULT_SEAM = Seam()
+
+
+def virtual_positions(offset: int, n: int, b: int) -> jax.Array:
+  """[B, N]: virtual tokens take the N positions just before the text's."""
+  return jnp.broadcast_to(jnp.arange(offset - n, offset, dtype=jnp.int32),
+                          (b, n))
+
+
+def prepend_virtual(virtual_NxD, x_BxLxD, positions_BxL, segment_ids_BxL,
+                    offset: int):
+  """Prepends shared virtual tokens (segment id -1) to every row."""
+  b, n = x_BxLxD.shape[0], virtual_NxD.shape[0]
+  v = jnp.broadcast_to(virtual_NxD.astype(x_BxLxD.dtype)[None],
+                       (b, *virtual_NxD.shape))
+  return (jnp.concatenate([v, x_BxLxD], axis=1),
+          jnp.concatenate([virtual_positions(offset, n, b),
+                           positions_BxL.astype(jnp.int32)], axis=1),
+          jnp.concatenate([jnp.full((b, n), -1, segment_ids_BxL.dtype),
+                           segment_ids_BxL], axis=1))

@@ -21,6 +21,7 @@ import numpy as np
 from tunejax import sharding as sh
 from tunejax.models import layers
 from tunejax.models.config import ModelConfig
+from tunejax.models import seam as seam_lib
 from tunejax.models.seam import DEFAULT_SEAM, Seam
 
 _BLD = (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_EMBED)
@@ -271,7 +272,7 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   positions_BxL = positions_BxL + offset
   n_virtual = 0
   if virtual is not None and (cache is None or not attend_cache):
-    x, positions_BxL, segment_ids_BxL = _prepend(
+    x, positions_BxL, segment_ids_BxL = seam_lib.prepend_virtual(
         virtual, x, positions_BxL, segment_ids_BxL, offset)
     n_virtual = virtual.shape[0]
   x = x.astype(dtype)
@@ -302,10 +303,11 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
   prefix_masks = None
   if prefix_kv is not None:
     p = prefix_kv[0].shape[1]
+    b = tokens_BxL.shape[0]
     prefix_masks = _masks(cfg, idx + p, jnp.arange(p), positions_BxL,
-                          _virtual_positions(offset, p, tokens_BxL.shape[0]),
+                          seam_lib.virtual_positions(offset, p, b),
                           segment_ids_BxL,
-                          jnp.full((tokens_BxL.shape[0], p), -1, jnp.int32))
+                          jnp.full((b, p), -1, jnp.int32))
   if attn_probe_BxL is not None and n_virtual:
     attn_probe_BxL = jnp.pad(attn_probe_BxL, ((0, 0), (n_virtual, 0)))
   ctx = _Context(masks, cache_masks, *_rope(cfg, positions_BxL),
@@ -324,25 +326,6 @@ def decode(cfg: ModelConfig, params: dict, tokens_BxL, positions_BxL,
     cache = {**cache, "k": k, "v": v, "slot": slot + l}
   h = h[:, n_virtual:]
   return (h, cache, aux) if return_aux else (h, cache)
-
-
-def _virtual_positions(offset: int, n: int, b: int) -> jax.Array:
-  """[B, N]: virtual tokens take the N positions just before the text's."""
-  return jnp.broadcast_to(jnp.arange(offset - n, offset, dtype=jnp.int32),
-                          (b, n))
-
-
-def _prepend(virtual_NxD, x_BxLxD, positions_BxL, segment_ids_BxL,
-             offset: int):
-  """Prepends shared virtual tokens (segment id -1) to every row."""
-  b, n = x_BxLxD.shape[0], virtual_NxD.shape[0]
-  v = jnp.broadcast_to(virtual_NxD.astype(x_BxLxD.dtype)[None],
-                       (b, *virtual_NxD.shape))
-  return (jnp.concatenate([v, x_BxLxD], axis=1),
-          jnp.concatenate([_virtual_positions(offset, n, b),
-                           positions_BxL.astype(jnp.int32)], axis=1),
-          jnp.concatenate([jnp.full((b, n), -1, segment_ids_BxL.dtype),
-                           segment_ids_BxL], axis=1))
 
 
 def _defaults(tokens_BxL, positions, segment_ids):
