@@ -232,3 +232,22 @@ def test_argmax_and_gumbel_sampler_equal_jax_reference():
     want = jax.random.categorical(key, logits[2:] / 0.7, axis=-1)
     got = _sample(logits[2:], key, 0.7, None, None)
     np.testing.assert_array_equal(got, want)
+
+
+def test_pre_split_params_skip_the_per_call_weight_copy(params, greedy):
+  """RL rollouts reuse one `split_layers(base)`: same tokens and log-probs,
+  and the compiled call holds no second copy of the layer weights."""
+  split = models.split_layers(params)
+  assert models.split_layers(split) is split
+  out = models.generate(CFG, split, PROMPTS, 16, eos_id=-1)
+  np.testing.assert_array_equal(out.tokens_BxT, greedy.tokens_BxT)
+  np.testing.assert_array_equal(out.logps_BxT, greedy.logps_BxT)
+  gen = importlib.import_module("tunejax.models.generate")
+  toks = jnp.ones((3, 8), jnp.int32)
+  temp = lambda p: gen._generate.lower(  # pylint: disable=protected-access
+      CFG, models.Seam(), 8, 0.0, None, None, (-1,), 1, p, {}, toks,
+      jnp.full((3,), 8, jnp.int32), jax.random.key(0)).compile(
+      ).memory_analysis().temp_size_in_bytes
+  matrix_bytes = sum(x.nbytes for x in jax.tree.leaves(params["layers"])
+                     if x.ndim > 2)  # (norm-scale slices may stay views)
+  assert temp(params) - temp(split) >= matrix_bytes

@@ -207,7 +207,9 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int,
   """Samples `max_new_tokens` continuations of a batch of prompts.
 
   Args:
-    cfg, params: the model.
+    cfg, params: the model; params may be `split_layers(params)` (then the
+      call copies no layer weights: split a frozen base once for many
+      rollouts).
     prompts: a list of token-id lists, or a right-padded [B, P] array with
       `lengths` [B].
     max_new_tokens: number of new tokens T.

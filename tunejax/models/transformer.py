@@ -226,12 +226,17 @@ def _stack(cfg: ModelConfig, seam: Seam, ctx: _Context, x, params, adapters,
 
 
 def split_layers(params: dict) -> dict:
-  """params with "layers" as a list of per-layer trees (unrolled layers).
+  """params with "layers" as a list of per-layer trees (unrolled layers);
+  already split params are returned as they are.
 
   For decoding: each layer's matrices become their own buffers, read in
   place by the matmuls, instead of being sliced (copied) out of the stacked
-  arrays at every step.
+  arrays at every step. Inside `generate` the split is a copy of the layer
+  weights per call; RL rollouts on a frozen base split it once and pass
+  the split params to every `generate` call.
   """
+  if isinstance(params["layers"], (list, tuple)):
+    return params
   n = jax.tree.leaves(params["layers"])[0].shape[0]
   return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i],
                                             params["layers"])
