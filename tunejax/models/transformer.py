@@ -20,8 +20,8 @@ import numpy as np
 
 from tunejax import sharding as sh
 from tunejax.models import layers
-from tunejax.models.config import ModelConfig
 from tunejax.models import seam as seam_lib
+from tunejax.models.config import ModelConfig
 from tunejax.models.seam import DEFAULT_SEAM, Seam
 
 _BLD = (sh.ACT_BATCH, sh.ACT_LEN, sh.ACT_EMBED)
