@@ -10,6 +10,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from tunejax import errors
 from tunejax import kernels
+from tunejax.kernels import _xla
 
 # Ragged on purpose: N is not a multiple of block_n, V not of block_v, so the
 # padded token block and the overlapping last vocabulary chunk are exercised.
@@ -87,6 +88,18 @@ def test_values_and_grads_match_float64_reference(impl, scaling, block_v):
   assert np.all(stats[0][[2, 7, 30]] == 0.0)
   _assert_close(dh, ref_dh, 1e-5, 1e-5, "dh")
   _assert_close(dw, ref_dw, 1e-5, 1e-5, "dw")
+
+
+@pytest.mark.parametrize("n,block_n,want", [
+    (4096, 1048, (1024, 4)), (4100, 1024, (824, 5)), (5, 1024, (8, 1)),
+    (4096, 1024, (1024, 4))])
+def test_token_blocks_are_balanced(n, block_n, want):
+  # Every padding row costs a pass over the whole vocabulary: at most 7
+  # per block (rows are padded to a multiple of 8).
+  bn, _, n_blocks, _ = _xla.plan(n, 32000, block_n, 2048)
+  assert (bn, n_blocks) == want
+  assert bn <= block_n or n < 8
+  assert 0 <= bn * n_blocks - n < 8 * n_blocks
 
 
 def test_optional_outputs_are_none_unless_requested():

@@ -49,7 +49,10 @@ def plan(n, v, block_n, block_v):
 
   The vocabulary block shrinks (by < 1/8) to divide V when it can, so no
   chunk overlaps the previous one and the overlap masks vanish statically
-  (32000 -> 4 x 8000; 128256 -> 16 x 8016 at block_v 8192).
+  (32000 -> 4 x 8000; 128256 -> 16 x 8016 at block_v 8192). Token blocks
+  are balanced (rows padded to a multiple of 8 only): 4100 tokens at
+  block_n 1024 make 5 blocks of 824, not 5 of 1024 (20% padding rows,
+  each a full pass over the vocabulary).
   """
   block_v = min(block_v, v)
   n_chunks = -(-v // block_v)
@@ -57,8 +60,9 @@ def plan(n, v, block_n, block_v):
     if v % c == 0:
       block_v = v // c
       break
-  block_n = min(block_n, -(-n // 8) * 8)
-  return block_n, block_v, -(-n // block_n), -(-v // block_v)
+  n_blocks = -(-n // block_n)
+  block_n = -(-n // n_blocks // 8) * 8
+  return block_n, block_v, n_blocks, -(-v // block_v)
 
 
 def owned(cols, own, v, block_v):
