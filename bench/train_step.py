@@ -9,7 +9,9 @@ Each contender runs in its own subprocess (so peak RSS is its own) and the
 f32 matmul peak is measured in the same run; `--rounds` repeats them all,
 interleaved, and keeps each one's fastest round. Prints tokens/s, model
 TFLOP/s, % of the matmul peak, peak memory (host RSS on a CPU, allocated
-device bytes on a GPU), and the ratios. On a GPU `--precision` sets both
+device bytes on a GPU), and the ratios; then where the step's time goes:
+its weight products alone (JAX and torch), and tunejax's fused loss and
+attention (forward and backward) alone. On a GPU `--precision` sets both
 libraries' float32 products alike: 'float32' (full) or 'tf32'
 (TensorFloat-32 inputs, as JAX's default there and torch's 'high').
 
@@ -187,7 +189,42 @@ def run_products(a):
   return {"jax_s": secs_jax, "torch_s": secs_torch, "flops": flops}
 
 
-CONTENDERS = {"peak": _peak, "products": run_products,
+def run_parts(a):
+  """Seconds of the step's fused loss (value and gradients, as trained) and
+  of its attention (forward and backward, all layers), each alone in
+  tunejax: with `products`, where a step's time goes."""
+  import jax
+  import jax.numpy as jnp
+  from tunejax import kernels
+  from tunejax.models import attend
+  _set_precision(a)
+  b, l, d, v = a.batch, a.seq, W1["d_model"], W1["vocab_size"]
+  h, g, k = W1["n_heads"], W1["n_kv_heads"], W1["head_dim"]
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  x = jax.random.normal(keys[0], (b * l, d))
+  w = jax.random.normal(keys[1], (d, v)) * d**-0.5
+  y = jax.random.randint(keys[2], (b * l,), 0, v)
+  wrt = (0,) if a.method == "lora" else (0, 1)  # frozen head under LoRA
+  loss = jax.jit(jax.grad(lambda x, w: jnp.sum(
+      kernels.token_stats(x, w, y).logp), argnums=wrt))
+  secs_loss = best_of(lambda: jax.block_until_ready(loss(x, w)), a.steps,
+                      warmup=True)
+  q = jax.random.normal(keys[3], (b, g, h // g * l, k))
+  kv = [jax.random.normal(kk, (b, g, l, k)) for kk in keys[4:]]
+  i = jnp.arange(l)
+  mask = jnp.broadcast_to(i[:, None] >= i[None, :], (b, l, l))
+  att = lambda q, kk, vv: attend.attend(
+      q, kk, vv, mask, scale=k**-0.5,
+      causal_block=attend.causal_block(l, b * h))
+  fwd_bwd = jax.jit(lambda q, kk, vv: jax.vjp(att, q, kk, vv)[1](q))
+  secs_att = best_of(lambda: jax.block_until_ready(fwd_bwd(q, *kv)),
+                     a.steps, warmup=True)
+  return {"loss_s": secs_loss,
+          "loss_flops": 2 * (1 + len(wrt)) * b * l * d * v,
+          "attention_s": secs_att * W1["n_layers"]}
+
+
+CONTENDERS = {"peak": _peak, "products": run_products, "parts": run_parts,
               "tunejax": run_tunejax,
               "torch_eager": lambda a: run_torch(a, False),
               "torch_compile": lambda a: run_torch(a, True)}
@@ -242,6 +279,11 @@ def main():
       r = _run_contender(name, a)
       if r is not None:
         res[name] = best_round(res.get(name), r)
+  _report(res, a)
+
+
+def _report(res, a):
+  """Prints the contenders' table, the ratios and the floors."""
   peak = res.get("peak", {}).get("tflops")
   mem = "GPU MB" if res.get("peak", {}).get("gpu") else "RSS MB"
   print(f"\nW1 ({a.method}, batch {a.batch} x seq {a.seq}); f32 matmul peak "
@@ -271,6 +313,12 @@ def main():
           f"{tokens / pr['jax_s']:.0f} tokens/s), torch {pr['torch_s'] * 1e3:.1f} ms "
           f"({pr['flops'] / pr['torch_s'] / 1e9:.0f} GFLOP/s, <= "
           f"{tokens / pr['torch_s']:.0f} tokens/s)")
+  pa = res.get("parts")
+  if pa:
+    print(f"alone in tunejax: the fused loss {pa['loss_s'] * 1e3:.1f} ms "
+          f"({pa['loss_flops'] / pa['loss_s'] / 1e9:.0f} GFLOP/s of its "
+          f"products; in the weight products above), attention fwd+bwd "
+          f"{pa['attention_s'] * 1e3:.1f} ms ({W1['n_layers']} layers)")
 
 
 if __name__ == "__main__":
