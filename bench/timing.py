@@ -55,13 +55,14 @@ def matmul_peak(n: int = 2048) -> dict:
 
 def best_round(old: dict | None, new: dict) -> dict:
   """Merges one contender's results over interleaved rounds: the faster
-  round (tokens/s, or TFLOP/s for the peak; each library's shorter time
-  for `products`), with the larger peak RSS."""
+  round (tokens/s, or TFLOP/s for the peak; for timing-only results such
+  as `products` and `parts`, each shorter time), with the larger peak RSS."""
   if old is None:
     return new
-  if "jax_s" in new:
-    return {**new, **{k: min(old[k], new[k]) for k in ("jax_s", "torch_s")}}
-  speed = "tflops" if "tokens_per_sec" not in new else "tokens_per_sec"
+  if "tokens_per_sec" not in new and "tflops" not in new:
+    return {**new, **{k: min(old[k], v) for k, v in new.items()
+                      if k.endswith("_s")}}
+  speed = "tokens_per_sec" if "tokens_per_sec" in new else "tflops"
   best = dict(max(old, new, key=lambda r: r[speed]))
   for mem in ("rss_mb", "mem_mb"):
     if mem in best:
