@@ -85,3 +85,38 @@ def test_lora_training_touches_only_adapters(name, dropout):
   adam_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state)
                    if x.ndim > 0)
   assert adam_bytes == 2 * tree.nbytes(state.params)
+
+
+def test_merged_forward_matches_rank_r_path():
+  # `merged_linear` (x (W + s A B), LoRA's own backward) against autodiff
+  # through the rank-r form x W + s (x A) B: float64, all four gradients.
+  from tunejax.peft import lora, lowrank  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(0)
+  x, w, a, b, ct = (rs.randn(*s) for s in ((2, 6, 5), (5, 3), (5, 2),
+                                           (2, 3), (2, 6, 3)))
+  rank_r = lambda x, w, a, b: x @ w + 1.5 * ((x @ a) @ b)
+  with jax.enable_x64():
+    args = [jnp.asarray(v) for v in (x, w, a, b)]
+    merged = lambda x, w, a, b: lowrank.merged_linear(x, w, a, b,
+                                                      jnp.float64(1.5))
+    outs = [jax.vjp(f, *args) for f in (merged, rank_r)]
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-12)
+    for got, want in zip(outs[0][1](jnp.asarray(ct)),
+                         outs[1][1](jnp.asarray(ct))):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  # The seam takes it for float32 training shapes on a CPU; same values
+  # and adapter gradients as the rank-r form to float32 rounding.
+  x32, w32, a32, b32 = (jnp.asarray(v, jnp.float32) for v in (x, w, a, b))
+  seam = lora.LoraSeam(scales=(("m", 1.5),))
+  assert lowrank.merges_forward(x32, w32) == (jax.default_backend() == "cpu")
+  assert not lowrank.merges_forward(x32[:1, :2], w32)  # decode-sized
+  f = lambda x, a, b: seam.linear("m", x, w32, None,
+                                  {"lora_a": a, "lora_b": b})
+  g = lambda x, a, b: rank_r(x, w32, a, b)
+  got = jax.grad(lambda *v: jnp.sum(f(*v) * ct), argnums=(0, 1, 2))(
+      x32, a32, b32)
+  want = jax.grad(lambda *v: jnp.sum(g(*v) * ct), argnums=(0, 1, 2))(
+      x32, a32, b32)
+  np.testing.assert_allclose(f(x32, a32, b32), g(x32, a32, b32), atol=1e-5)
+  for gv, wv in zip(got, want):
+    np.testing.assert_allclose(gv, wv, atol=1e-5)

@@ -23,7 +23,8 @@ e.g. 'layers/attn/q'); layer-stacked kernels get layer-stacked adapters,
 and adapters share their base weight's sharded axis (logical 'rank' for r).
 Dropout (rate `peft.dropout`, on the adapter branch's input, as PEFT) draws
 from the step rng passed to `assemble`; without an rng (eval, generate) it
-is off.
+is off. Without dropout, float32 training shapes on a CPU run plain LoRA
+as x (W + s·A B) (`lowrank.merged_linear`, same gradients).
 """
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ class LoraSeam(Seam):
     if "dropout_key" in adapters and self.dropout > 0:
       xd = _dropout(x, adapters["dropout_key"], self.dropout)
     cast = lambda k: adapters[k].astype(x.dtype)
+    if (xd is x and "lora_a" in adapters and "magnitude" not in adapters
+        and lowrank.merges_forward(x, kernel)):
+      y = lowrank.merged_linear(x, kernel, cast("lora_a"), cast("lora_b"),
+                                jnp.float32(dict(self.scales)[name]))
+      return y if bias is None else y + bias.astype(x.dtype)
     y = matmul(x, kernel.astype(x.dtype))
     if "vera_a" in adapters:
       h = matmul(matmul(xd, cast("vera_a")) * cast("vera_lambda_d"),
