@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tunejax import sharding
+from tunejax.models import seam
 
 
 def _t(x):
@@ -122,7 +123,7 @@ def merged_linear(x, kernel_IxO, a_IxR, b_RxO, s):
 def _merged_fwd(x, kernel_IxO, a_IxR, b_RxO, s):
   w = kernel_IxO.astype(x.dtype) + (s * jnp.matmul(a_IxR, b_RxO)).astype(
       x.dtype)
-  return _rows_matmul(x, w), (x, w, a_IxR, b_RxO, s)
+  return seam.matmul(x, w), (x, w, a_IxR, b_RxO, s)
 
 
 def _merged_bwd(res, dy):
@@ -140,11 +141,6 @@ def _merged_bwd(res, dy):
   dw = jnp.dot(x_NxI.T, dy_NxO)  # dead code unless the kernel trains
   return (dx, dw.astype(w_IxO.dtype), da.astype(a_IxR.dtype),
           db.astype(b_RxO.dtype), jnp.zeros_like(s))
-
-
-def _rows_matmul(x, w_IxO):
-  y = jnp.dot(x.reshape(-1, x.shape[-1]), w_IxO)
-  return y.reshape(*x.shape[:-1], w_IxO.shape[-1])
 
 
 merged_linear.defvjp(_merged_fwd, _merged_bwd)
