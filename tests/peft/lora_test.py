@@ -120,3 +120,10 @@ def test_merged_forward_matches_rank_r_path():
   np.testing.assert_allclose(f(x32, a32, b32), g(x32, a32, b32), atol=1e-5)
   for gv, wv in zip(got, want):
     np.testing.assert_allclose(gv, wv, atol=1e-5)
+  # A bf16 frozen kernel under float32 compute (cast before the merge).
+  wb = w32.astype(jnp.bfloat16)
+  got = jax.grad(lambda a: jnp.sum(seam.linear(
+      "m", x32, wb, None, {"lora_a": a, "lora_b": b32})))(a32)
+  want = jax.grad(lambda a: jnp.sum(rank_r(x32, wb.astype(jnp.float32), a,
+                                           b32)))(a32)
+  np.testing.assert_allclose(got, want, atol=1e-5)

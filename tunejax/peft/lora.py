@@ -67,7 +67,8 @@ class LoraSeam(Seam):
     cast = lambda k: adapters[k].astype(x.dtype)
     if (xd is x and "lora_a" in adapters and "magnitude" not in adapters
         and lowrank.merges_forward(x, kernel)):
-      y = lowrank.merged_linear(x, kernel, cast("lora_a"), cast("lora_b"),
+      y = lowrank.merged_linear(x, kernel.astype(x.dtype), cast("lora_a"),
+                                cast("lora_b"),
                                 jnp.float32(dict(self.scales)[name]))
       return y if bias is None else y + bias.astype(x.dtype)
     y = matmul(x, kernel.astype(x.dtype))

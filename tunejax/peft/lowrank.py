@@ -110,7 +110,7 @@ def merges_forward(x, kernel_IxO) -> bool:
 @jax.custom_vjp
 def merged_linear(x, kernel_IxO, a_IxR, b_RxO, s):
   """LoRA's `x W + s·(x A) B` computed as `x (W + s·A B)`, with LoRA's
-  gradients.
+  gradients. All array operands in x's dtype; `s` a scalar array.
 
   The merged kernel replaces two rank-r products that write an
   output-sized activation (forward: (x A) B; backward: g Aᵀ) and their
@@ -121,8 +121,7 @@ def merged_linear(x, kernel_IxO, a_IxR, b_RxO, s):
 
 
 def _merged_fwd(x, kernel_IxO, a_IxR, b_RxO, s):
-  w = kernel_IxO.astype(x.dtype) + (s * jnp.matmul(a_IxR, b_RxO)).astype(
-      x.dtype)
+  w = kernel_IxO + (s * jnp.matmul(a_IxR, b_RxO)).astype(x.dtype)
   return seam.matmul(x, w), (x, w, a_IxR, b_RxO, s)
 
 
@@ -130,17 +129,16 @@ def _merged_bwd(res, dy):
   x, w_IxO, a_IxR, b_RxO, s = res
   x_NxI, dy_NxO = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   dx = jnp.dot(dy_NxO, w_IxO.T).reshape(x.shape)
-  # Barriers keep each rank-r product in this orientation: XLA:CPU folds
-  # the transposes into them and runs e.g. xᵀg as [in, r] ~6x slower than
-  # as [r, in] (see `seam.matmul`), x A as [r, N] ~8x slower.
+  # Barriers keep the rank-r activations [N, r]: XLA:CPU otherwise folds
+  # the transposes of their uses into them and runs x A as [r, N], ~8x
+  # slower; dA goes through `seam.xt_g` for the same reason.
   barrier = jax.lax.optimization_barrier
-  g_NxR = barrier(jnp.dot(dy_NxO, b_RxO.astype(dy.dtype).T))
-  xa_NxR = barrier(jnp.dot(x_NxI, a_IxR.astype(x.dtype)))
-  da = barrier(jnp.dot(g_NxR.T, x_NxI)).T * s
+  g_NxR = barrier(jnp.dot(dy_NxO, b_RxO.T))
+  xa_NxR = barrier(jnp.dot(x_NxI, a_IxR))
+  da = seam.xt_g(x_NxI, g_NxR) * s
   db = jnp.dot(xa_NxR.T, dy_NxO) * s
-  dw = jnp.dot(x_NxI.T, dy_NxO)  # dead code unless the kernel trains
-  return (dx, dw.astype(w_IxO.dtype), da.astype(a_IxR.dtype),
-          db.astype(b_RxO.dtype), jnp.zeros_like(s))
+  dw = seam.xt_g(x_NxI, dy_NxO)  # dead code unless the kernel trains
+  return dx, dw, da, db, jnp.zeros_like(s)
 
 
 merged_linear.defvjp(_merged_fwd, _merged_bwd)
